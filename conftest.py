@@ -1,0 +1,1 @@
+# The suites run with the installed plugin (entry point pytest11 "llmperf"); nothing here.

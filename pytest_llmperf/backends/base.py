@@ -1,0 +1,155 @@
+"""The backend protocol: what the measuring code needs from a piece of hardware.
+
+A backend never decides anything; it answers questions (is the hardware here, how many
+devices, how much memory) and performs the few device operations a honest timing loop needs
+(synchronize before every clock read, reset and read the memory peak). Adding hardware means
+one new module with a subclass of :class:`Backend`, registered by entry point.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Probe:
+    available: bool
+    reason: str = ""
+    count: int = 0
+
+
+def normalize_device_name(name: str) -> str:
+    """Turn whatever a driver reports into a stable, path-safe device key component.
+
+    Vendor strings carry trademark noise and clock speeds that differ between SKUs of the same
+    silicon ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"); the key must be the same on every
+    node of a pool and safe as a directory name.
+    """
+    text = re.sub(r"\((r|tm|c)\)", " ", name, flags=re.IGNORECASE)
+    text = re.sub(r"@.*$", " ", text)
+    text = re.sub(r"\b(cpu|processor|\d+-core)\b", " ", text, flags=re.IGNORECASE)
+    text = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
+    return text[:80] or "unknown"
+
+
+class Backend:
+    """Base class with conservative defaults; subclasses override what their hardware knows."""
+
+    name: ClassVar[str] = ""
+    torch_device: ClassVar[str] = "cpu"
+    #: Environment variables that change performance; recorded in provenance, not in the key.
+    env_vars: ClassVar[tuple[str, ...]] = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    default_dtype: ClassVar[str] = "bf16"
+    dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
+
+    _probe: Probe | None = None
+
+    # -- discovery -----------------------------------------------------------------------
+    def probe(self) -> Probe:
+        """Import the vendor stack for real and count devices; cached per process."""
+        if self._probe is None:
+            try:
+                self._probe = self._probe_impl()
+            except Exception as exc:  # a broken vendor install must skip, not crash collection
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                self._probe = Probe(False, f"{type(exc).__name__}: {first}"[:200])
+        return self._probe
+
+    def _probe_impl(self) -> Probe:
+        raise NotImplementedError
+
+    def device_count(self) -> int:
+        return self.probe().count
+
+    def device_name(self) -> str:
+        return self.name
+
+    def device_key(self) -> str:
+        return f"{self.name}-{normalize_device_name(self.device_name())}"
+
+    def device_info(self) -> dict[str, Any]:
+        return {
+            "key": self.device_key(),
+            "backend": self.name,
+            "name": self.device_name(),
+            "count": self.device_count(),
+        }
+
+    def versions(self) -> dict[str, str]:
+        """SDK and driver versions for provenance (library versions are collected elsewhere)."""
+        return {}
+
+    def environment(self) -> dict[str, str]:
+        return {k: os.environ[k] for k in self.env_vars if k in os.environ}
+
+    # -- timing --------------------------------------------------------------------------
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def synchronize(self) -> None:
+        """Block until queued device work is done; called before every clock read."""
+
+    # -- memory --------------------------------------------------------------------------
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def peak_memory_bytes(self) -> int | None:
+        return None
+
+    def available_memory_bytes(self) -> int | None:
+        """Memory a new workload may still use on one device; None when unknown."""
+        return None
+
+    def memory_bandwidth_bytes_per_s(self) -> float | None:
+        return None
+
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        import torch
+
+        return (torch.OutOfMemoryError,)
+
+    def free_memory(self) -> None:
+        gc.collect()
+
+    # -- models --------------------------------------------------------------------------
+    def prepare(self, model: Any) -> Any:
+        """Hardware-specific wrapping (HPU graphs, Neuron compile); identity by default."""
+        return model
+
+    def dtype_reason(self, dtype: str) -> str | None:
+        if dtype not in self.dtypes:
+            return f"dtype {dtype!r} is not supported on {self.name}; supported: " + ", ".join(
+                self.dtypes
+            )
+        return None
+
+
+def installed_versions(*dists: str) -> dict[str, str]:
+    """Versions of installed distributions, read from metadata without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def device_nodes(*patterns: str) -> list[str]:
+    """Vendor device nodes in /dev, checked before importing a vendor stack.
+
+    Importing torch and a vendor plugin costs seconds; a CPU-only CI box should learn "no
+    such hardware" from the filesystem. The real import still decides when nodes exist.
+    """
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return []
+    return sorted(n for n in names if any(re.fullmatch(p, n) for p in patterns))

@@ -1,0 +1,113 @@
+"""The host CPU: always available, measured with the process's own RSS."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import platform
+from typing import ClassVar
+
+from .base import Backend, Probe
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+class CpuBackend(Backend):
+    name: ClassVar[str] = "cpu"
+    torch_device: ClassVar[str] = "cpu"
+    default_dtype: ClassVar[str] = "fp32"
+    env_vars: ClassVar[tuple[str, ...]] = (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "KMP_AFFINITY",
+        "LD_PRELOAD",
+        "ONEDNN_DEFAULT_FPMATH_MODE",
+    )
+
+    def __init__(self) -> None:
+        self._rss_start: int | None = None
+        self._peak_reset_ok = False
+
+    def _probe_impl(self) -> Probe:
+        return Probe(True, "", 1)
+
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    def device_name(self) -> str:
+        return cpu_model_name()
+
+    def device_key(self) -> str:
+        # Thread count is part of the key: the same CPU with 2 or 32 threads is another machine.
+        return f"{super().device_key()}-{self.threads()}t"
+
+    def device_info(self) -> dict:
+        info = super().device_info()
+        info["threads"] = self.threads()
+        info["machine"] = platform.machine()
+        return info
+
+    def versions(self) -> dict[str, str]:
+        return {"kernel": platform.release()}
+
+    def reset_peak_memory(self) -> None:
+        """Start a fresh RSS high-water mark, so the peak is this workload's, not the process's.
+
+        Linux resets VmHWM to the current RSS when "5" is written to /proc/self/clear_refs.
+        Without that (other kernels, locked-down containers) no honest per-test peak exists
+        and ``peak_memory_bytes`` reports None rather than the process-lifetime maximum.
+        """
+        self._rss_start = _status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._peak_reset_ok = True
+        except OSError:
+            self._peak_reset_ok = False
+
+    def peak_memory_bytes(self) -> int | None:
+        if not self._peak_reset_ok or self._rss_start is None:
+            return None
+        hwm = _status_kib("VmHWM")
+        if hwm is None:
+            return None
+        return max(0, hwm - self._rss_start) * 1024
+
+    def available_memory_bytes(self) -> int | None:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        import torch
+
+        return (torch.OutOfMemoryError, MemoryError)
+
+    def free_memory(self) -> None:
+        super().free_memory()
+        # glibc keeps freed model weights in its arenas; without a trim the next test's RSS
+        # baseline starts high and the host looks fuller than it is to the OOM pre-check.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,0 +1,75 @@
+"""NVIDIA GPUs through torch.cuda (A100, H100, …)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from .base import Backend, Probe, device_nodes
+
+
+class CudaBackend(Backend):
+    name: ClassVar[str] = "cuda"
+    torch_device: ClassVar[str] = "cuda"
+    env_vars: ClassVar[tuple[str, ...]] = (
+        "CUDA_VISIBLE_DEVICES",
+        "NCCL_P2P_DISABLE",
+        "PYTORCH_CUDA_ALLOC_CONF",
+        "CUDA_LAUNCH_BLOCKING",
+        "OMP_NUM_THREADS",
+    )
+
+    def _probe_impl(self) -> Probe:
+        if not device_nodes(r"nvidia\d+", r"nvidiactl", r"dxg"):  # dxg: WSL2
+            return Probe(False, "no NVIDIA device nodes (/dev/nvidia*)")
+        import torch
+
+        if not torch.cuda.is_available():
+            return Probe(False, f"torch {torch.__version__} reports CUDA unavailable")
+        return Probe(True, "", torch.cuda.device_count())
+
+    def device_name(self) -> str:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+
+    def versions(self) -> dict[str, str]:
+        import torch
+
+        out = {"cuda": str(torch.version.cuda)}
+        if torch.backends.cudnn.is_available():
+            out["cudnn"] = str(torch.backends.cudnn.version())
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            out["driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+        except Exception:
+            pass
+        return out
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int | None:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+
+    def available_memory_bytes(self) -> int | None:
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+
+    def free_memory(self) -> None:
+        import torch
+
+        super().free_memory()
+        torch.cuda.empty_cache()

@@ -1,0 +1,58 @@
+"""Habana Gaudi through habana_frameworks.torch (SynapseAI)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from .base import Backend, Probe, device_nodes, installed_versions
+
+
+class HpuBackend(Backend):
+    name: ClassVar[str] = "hpu"
+    torch_device: ClassVar[str] = "hpu"
+    env_vars: ClassVar[tuple[str, ...]] = (
+        "PT_HPU_LAZY_MODE",
+        "PT_HPU_ENABLE_LAZY_COLLECTIVES",
+        "PT_HPU_MAX_COMPOUND_OP_SIZE",
+        "HABANA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+    )
+
+    def _probe_impl(self) -> Probe:
+        if not device_nodes(r"accel\d*", r"hl\d+", r"accel_controlD\d+"):
+            return Probe(False, "no Habana device nodes (/dev/accel*, /dev/hl*)")
+        import habana_frameworks.torch.core  # noqa: F401  (registers the hpu device)
+        import torch
+
+        if not torch.hpu.is_available():
+            return Probe(False, "habana_frameworks imported but torch.hpu.is_available() is False")
+        return Probe(True, "", torch.hpu.device_count())
+
+    def device_name(self) -> str:
+        import torch
+
+        return torch.hpu.get_device_name(0)
+
+    def versions(self) -> dict[str, str]:
+        return installed_versions("habana-torch-plugin", "habana_gpu_migration")
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.hpu.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        import torch
+
+        torch.hpu.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int | None:
+        import torch
+
+        return int(torch.hpu.max_memory_allocated())
+
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        import torch
+
+        # SynapseAI raises RuntimeError("... Device out of memory ..."); matched in measure.py.
+        return (torch.OutOfMemoryError,)

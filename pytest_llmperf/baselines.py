@@ -1,0 +1,874 @@
+"""Baseline files: their format, where they live, and how they are merged and written safely.
+
+A baseline is ``<root>/<device-key>[@<label>]/<suite>.json``, reviewed in git. Three things
+shape this module:
+
+* Files are diffed by humans, so they are written deterministically: sorted keys, floats cut
+  to a fixed number of significant digits, a trailing newline. Re-writing the same data gives
+  the same bytes, so a reviewer sees only what really changed.
+* Files are shared: ``pytest -n 8`` workers, ``llmperf baselines record --runs N`` and a second
+  CI job on the same node may update one file at once. Every write re-reads the file under a
+  lock and merges into it, so no writer drops another's entries.
+* Files must never be lost or half-written (a killed CI job, a full disk, an OOM kill). Writes
+  go to a temporary file in the same directory that is fsynced and then renamed over the old
+  one, so a reader sees either the old file or the new one. A corrupt file is never
+  "repaired" by overwriting it: the error names the file and the field, and nothing is written.
+
+Nothing here imports pytest or torch; the plugin, the verdict and the CLI all call it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Union
+
+import filelock
+
+from .results import Record
+
+SCHEMA_VERSION = 1
+
+#: Significant digits kept for every float. Six is far below run-to-run noise (≈1%) and keeps
+#: a re-run's diff from touching digits that mean nothing.
+FLOAT_DIGITS = 6
+
+#: Longest device key or label; a path component must stay well under filesystem limits (255)
+#: with ``@<label>`` and the suite appended.
+MAX_COMPONENT = 100
+
+#: How long a writer waits for another writer's lock before giving up. A writer holds it for
+#: milliseconds; waiting forever would hang a CI job on a broken (e.g. network) filesystem.
+LOCK_TIMEOUT_S = 300.0
+
+#: Outcomes a baseline stores. ``error`` means nothing was measured: never stored, never gated.
+STORED_OUTCOMES = ("ok", "oom")
+
+_PathLike = Union[str, "os.PathLike[str]"]
+_MISSING: Any = object()
+
+
+class BaselineError(Exception):
+    """A baseline file that cannot be used, named precisely enough to fix it by hand.
+
+    The message is one line, ``<path>: <field path>: <what is wrong>; <what would be right>``,
+    e.g. ``baselines/cpu-x/test_a.json: entries['k'].runs[0].metrics.e2e_latency_s.median:
+    expected a number, got 'abc'``.
+    """
+
+    def __init__(self, path: _PathLike | str, field: str | None, problem: str) -> None:
+        self.path = str(path)
+        self.field = field
+        self.problem = problem
+        where = f"{self.path}: {field}: " if field else f"{self.path}: "
+        super().__init__(where + problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and paths
+
+
+def safe_component(text: str) -> str:
+    """Turn a device name or label into one safe, stable path component.
+
+    Device names come from drivers ("NVIDIA A100-SXM4-80GB") and labels from users, and both
+    end up as a directory name in git, on Linux, macOS and Windows checkouts alike. So: accents
+    folded to ASCII, lowercase, only ``[a-z0-9._-]``, any other run of characters becomes one
+    ``-``, no leading or trailing ``.``/``-`` (no hidden directories, no ``..``). A name with
+    nothing usable left maps to a short hash of itself rather than to a shared fallback, so two
+    different non-Latin labels never share a directory. Over-long names keep a hash suffix for
+    the same reason.
+    """
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    safe = re.sub(r"[^a-z0-9._-]+", "-", folded.lower()).strip(".-")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if not safe:
+        return "unknown" if not text.strip() else f"x-{digest[:12]}"
+    if len(safe) > MAX_COMPONENT:
+        safe = safe[: MAX_COMPONENT - 13].rstrip(".-") + f"-{digest[:12]}"
+    return safe
+
+
+def _check_suite(suite: str) -> str:
+    # The suite is a test file's stem and is used as-is (case kept) so the file name matches
+    # the test file; it only has to be one harmless path component.
+    if (
+        not isinstance(suite, str)
+        or not suite
+        or suite in (".", "..")
+        or suite.startswith(".")
+        or any(c in suite for c in "/\\\0")
+    ):
+        raise ValueError(
+            f"suite {suite!r} is not usable as a file name; expected a test file's stem "
+            "such as 'test_generation_latency'"
+        )
+    return suite
+
+
+def device_dir(root: _PathLike, device_key: str, label: str | None = None) -> Path:
+    """``root / "<device-key>[@<label>]"``: one directory per hardware (and label).
+
+    Both parts go through :func:`safe_component` (idempotent on an already-safe key), and
+    ``@`` never survives it, so the split between key and label stays unambiguous.
+    """
+    name = safe_component(device_key)
+    if label:
+        name += "@" + safe_component(label)
+    return Path(root) / name
+
+
+def baseline_path(root: _PathLike, device_key: str, suite: str, label: str | None = None) -> Path:
+    """The baseline file of one test file (``suite``) on one device."""
+    return device_dir(root, device_key, label) / f"{_check_suite(suite)}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The file in memory
+
+
+@dataclass
+class BaselineFile:
+    """One loaded baseline file. ``entries`` maps a baseline key to its runs, oldest first."""
+
+    path: Path
+    suite: str
+    device: dict[str, Any]
+    entries: dict[str, list[dict[str, Any]]]
+
+    def runs(self, key: str) -> list[dict[str, Any]]:
+        """The stored runs of ``key``, oldest first; empty when the key has no baseline."""
+        return self.entries.get(key, [])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "suite": self.suite,
+            "device": self.device,
+            "entries": {key: {"runs": runs} for key, runs in self.entries.items()},
+        }
+
+
+@dataclass
+class Change:
+    """What :func:`update` did to one entry, for the summary line and the reviewer.
+
+    ``action`` is ``added`` (no history before), ``appended``, ``restarted`` (versions or
+    performance-relevant environment changed, so older runs no longer describe this stack) or
+    ``reset`` (asked for with ``--llmperf-reset-baselines``).
+    """
+
+    key: str
+    action: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.action} ({self.detail})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic serialization
+
+
+def _round_floats(obj: Any) -> Any:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"non-finite number {obj!r}; baselines hold finite numbers only")
+        rounded = float(f"{obj:.{FLOAT_DIGITS}g}")
+        return rounded + 0.0  # -0.0 -> 0.0: the same value must give the same bytes
+    if isinstance(obj, Mapping):
+        return {k: _round_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round_floats(v) for v in obj]
+    return obj  # json.dumps names the type it cannot serialize
+
+
+def dumps(data: Mapping[str, Any]) -> str:
+    """Serialize ``data`` the one way baseline files are written, so git diffs stay minimal.
+
+    Sorted keys, two-space indent, floats rounded to :data:`FLOAT_DIGITS` significant digits
+    (ints stay ints: byte counts are exact), UTF-8 text rather than ``\\u`` escapes, and a
+    trailing newline. NaN and infinity raise ``ValueError``: they are not JSON, and a baseline
+    that holds one gates nothing.
+    """
+    return (
+        json.dumps(
+            _round_floats(data), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False
+        )
+        + "\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+class _NonFinite(Exception):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys silently; in a baseline that is a botched merge.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _reject_constant(token: str) -> Any:
+    raise _NonFinite(token)
+
+
+def _parse(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise BaselineError(
+            path,
+            None,
+            f"key {exc.key!r} appears twice in one object (a bad merge?); "
+            "each key may appear once — keep one and delete the other",
+        ) from None
+    except _NonFinite as exc:
+        raise BaselineError(
+            path, None, f"holds {exc.token}, which is not a number; expected finite numbers only"
+        ) from None
+    except json.JSONDecodeError as exc:
+        if not text.strip():
+            problem = "empty file; expected a baseline JSON object — restore it from git"
+        elif re.search(r"^(<{7}|>{7})( |$)", text, re.MULTILINE):
+            problem = (
+                "unresolved git merge conflict markers; resolve the conflict "
+                "(or re-record the baseline) and keep valid JSON"
+            )
+        elif exc.pos >= len(text.rstrip()):
+            problem = (
+                f"not valid JSON: the text ends early at line {exc.lineno} (truncated?); "
+                "restore the file from git"
+            )
+        else:
+            problem = (
+                f"not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                "fix that spot or restore the file from git"
+            )
+        raise BaselineError(path, None, problem) from None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sub(field: str, name: str) -> str:
+    # Identifier-like names read best dotted (metrics.e2e_latency_s); anything else, such as a
+    # baseline key with brackets and commas, is quoted so the field path stays unambiguous.
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return f"{field}.{name}" if field else name
+    return f"{field}[{name!r}]"
+
+
+class _Checker:
+    """Validates parsed JSON, raising a :class:`BaselineError` that names file and field."""
+
+    def __init__(self, path: _PathLike | str) -> None:
+        self.path = path
+
+    def fail(self, field: str, expected: str, value: Any = _MISSING) -> None:
+        if value is _MISSING:
+            raise BaselineError(self.path, field, f"missing; expected {expected}")
+        raise BaselineError(self.path, field, f"expected {expected}, got {_describe(value)}")
+
+    def get(
+        self,
+        obj: dict[str, Any],
+        parent: str,
+        name: str,
+        ok: Any,
+        expected: str,
+        *,
+        required: bool = True,
+    ) -> Any:
+        field = _sub(parent, name)
+        if name not in obj:
+            if required:
+                self.fail(field, expected)
+            return None
+        value = obj[name]
+        if not ok(value):
+            self.fail(field, expected, value)
+        return value
+
+    def str_map(self, obj: dict[str, Any], parent: str, name: str) -> None:
+        mapping = self.get(
+            obj, parent, name, lambda v: isinstance(v, dict), "an object", required=False
+        )
+        for key, value in (mapping or {}).items():
+            if not (value is None or isinstance(value, str)):
+                self.fail(_sub(_sub(parent, name), key), "a string or null", value)
+
+    def run(self, run: Any, field: str) -> None:
+        if not isinstance(run, dict):
+            self.fail(field, "an object (one run)", run)
+        self.get(run, field, "date", lambda v: isinstance(v, str), "an ISO 8601 date string")
+        self.get(
+            run,
+            field,
+            "outcome",
+            lambda v: v in STORED_OUTCOMES,
+            "'ok' or 'oom' (error outcomes are never stored)",
+        )
+        metrics = self.get(run, field, "metrics", lambda v: isinstance(v, dict), "an object")
+        for name, summary in metrics.items():
+            mfield = _sub(_sub(field, "metrics"), name)
+            if not isinstance(summary, dict):
+                self.fail(mfield, "an object with median and samples", summary)
+            self.get(summary, mfield, "median", lambda v: v is None or _is_number(v), "a number")
+            samples = self.get(
+                summary, mfield, "samples", lambda v: isinstance(v, list), "a list of numbers"
+            )
+            for i, sample in enumerate(samples):
+                if not _is_number(sample):
+                    self.fail(f"{mfield}.samples[{i}]", "a number", sample)
+            self.get(
+                summary, mfield, "unit", lambda v: isinstance(v, str), "a string", required=False
+            )
+            self.get(
+                summary,
+                mfield,
+                "direction",
+                lambda v: v in ("lower", "higher"),
+                "'lower' or 'higher'",
+                required=False,
+            )
+        self.get(
+            run,
+            field,
+            "output_digest",
+            lambda v: v is None or isinstance(v, str),
+            "a string or null",
+            required=False,
+        )
+        self.get(
+            run,
+            field,
+            "output_head",
+            lambda v: v is None or (isinstance(v, list) and all(_is_int(t) for t in v)),
+            "a list of token ids (integers) or null",
+            required=False,
+        )
+        provenance = self.get(
+            run, field, "provenance", lambda v: isinstance(v, dict), "an object", required=False
+        )
+        if provenance is not None:
+            pfield = _sub(field, "provenance")
+            self.str_map(provenance, pfield, "versions")
+            self.str_map(provenance, pfield, "env")
+
+    def file(self, data: Any, path: Path) -> BaselineFile:
+        if not isinstance(data, dict):
+            self.fail("(top level)", "a JSON object", data)
+        if "schema" not in data:
+            self.fail("schema", f"the schema version, {SCHEMA_VERSION}")
+        schema = data["schema"]
+        if not _is_int(schema):
+            self.fail("schema", f"an integer schema version ({SCHEMA_VERSION})", schema)
+        if schema != SCHEMA_VERSION:
+            if schema > SCHEMA_VERSION:
+                problem = (
+                    f"version {schema} is newer than this pytest-llmperf reads "
+                    f"({SCHEMA_VERSION}); upgrade pytest-llmperf"
+                )
+            else:
+                problem = f"unknown version {schema}; expected {SCHEMA_VERSION}"
+            raise BaselineError(self.path, "schema", problem)
+        suite = self.get(
+            data, "", "suite", lambda v: isinstance(v, str) and v, "the suite name (a string)"
+        )
+        device = self.get(data, "", "device", lambda v: isinstance(v, dict), "an object")
+        self.get(
+            device, "device", "key", lambda v: isinstance(v, str) and v, "the device key string"
+        )
+        entries = self.get(data, "", "entries", lambda v: isinstance(v, dict), "an object")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for key, entry in entries.items():
+            efield = f"entries[{key!r}]"
+            if not isinstance(entry, dict):
+                self.fail(efield, "an object with runs", entry)
+            runs = self.get(entry, efield, "runs", lambda v: isinstance(v, list), "a list of runs")
+            for i, run in enumerate(runs):
+                self.run(run, f"{efield}.runs[{i}]")
+            out[key] = runs
+        return BaselineFile(path=path, suite=suite, device=device, entries=out)
+
+
+def load(path: _PathLike) -> BaselineFile | None:
+    """Read and validate one baseline file; ``None`` when it does not exist.
+
+    Anything else that is wrong — not UTF-8, not JSON, truncated, merge-conflict markers,
+    a newer schema, a missing field, a wrong type — raises :class:`BaselineError` naming the
+    file and the field, because gating against a half-understood baseline is worse than
+    stopping.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise BaselineError(path, None, "is a directory; expected a baseline JSON file") from None
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate the BOM some Windows editors add
+    except UnicodeDecodeError as exc:
+        raise BaselineError(
+            path, None, f"not UTF-8 text (byte {exc.start}); expected a JSON file"
+        ) from None
+    return _Checker(path).file(_parse(text, path), path)
+
+
+def load_dir(root: _PathLike) -> dict[tuple[str, str], BaselineFile]:
+    """Every baseline under ``root``, keyed ``(device directory name, suite)``.
+
+    The device directory name (``cuda-nvidia-a100-sxm4-80gb@sdk2``) is the key rather than the
+    file's device dict so ``show`` and ``diff`` match exactly what sits in git. Hidden files,
+    lock files and temporary files are not baselines and are skipped. A missing ``root``
+    raises ``FileNotFoundError``: comparing against nothing must not look like "no changes".
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such baselines directory")
+    out: dict[tuple[str, str], BaselineFile] = {}
+    for directory in sorted(root.iterdir()):
+        if directory.name.startswith(".") or not directory.is_dir():
+            continue
+        for file in sorted(directory.glob("*.json")):
+            if file.name.startswith(".") or not file.is_file():
+                continue
+            loaded = load(file)
+            if loaded is not None:
+                out[(directory.name, file.stem)] = loaded
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Records, provenance and versions
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def record_to_run(record: Record, date: str | None = None) -> dict[str, Any]:
+    """One stored run from one measured :class:`Record`.
+
+    ``date`` defaults to the record's provenance date, then to now (UTC). The run goes through
+    the same rounding and validation as a file on disk, so what is compared in memory is what
+    a later load returns, and a bad value (NaN, an object that is not JSON) is refused here,
+    by test key, instead of corrupting the file. ``error`` records raise ``ValueError``: an
+    error measured nothing and must not become anyone's baseline.
+    """
+    if record.outcome not in STORED_OUTCOMES:
+        raise ValueError(
+            f"record {record.key!r}: outcome {record.outcome!r} is never stored in a baseline; "
+            f"only {' and '.join(repr(o) for o in STORED_OUTCOMES)} are"
+        )
+    provenance = record.provenance or {}
+    try:
+        metrics = {name: value.to_json() for name, value in sorted(record.metrics.items())}
+    except KeyError as exc:
+        raise ValueError(f"record {record.key!r}: {exc.args[0]}") from None
+    run: dict[str, Any] = {
+        "date": date or provenance.get("date") or _utc_now(),
+        "outcome": record.outcome,
+        "metrics": metrics,
+        "provenance": provenance,
+    }
+    if record.output_digest is not None:
+        run["output_digest"] = record.output_digest
+    if record.output_head is not None:
+        run["output_head"] = list(record.output_head)
+    try:
+        run = json.loads(dumps(run))  # a deep copy, rounded exactly as written
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"record {record.key!r}: cannot be stored as JSON: {exc}") from None
+    try:
+        _Checker(f"record {record.key!r}").run(run, "run")
+    except BaselineError as exc:
+        raise ValueError(str(exc)) from None
+    return run
+
+
+def perf_versions(provenance: Mapping[str, Any]) -> dict[str, str]:
+    """The part of a run's provenance that can change performance: what an upgrade changes.
+
+    Package and SDK versions (``provenance["versions"]``) plus performance-relevant
+    environment variables (``provenance["env"]``, prefixed ``env:``). The git commit, date and
+    hostname are left out on purpose: they change on every run and say nothing about whether
+    older runs still describe the same software stack. A ``None`` value counts as absent.
+    """
+    out: dict[str, str] = {}
+    for name, value in (provenance.get("versions") or {}).items():
+        if value is not None:
+            out[str(name)] = str(value)
+    for name, value in (provenance.get("env") or {}).items():
+        if value is not None:
+            out[f"env:{name}"] = str(value)
+    return out
+
+
+def _as_versions(data: Mapping[str, Any]) -> dict[str, str]:
+    # Accept a whole provenance dict too: passing one by mistake would otherwise print
+    # "versions {...} → {...}", which reads like an answer but is not one.
+    if isinstance(data.get("versions"), Mapping) or isinstance(data.get("env"), Mapping):
+        return perf_versions(data)
+    return {str(k): str(v) for k, v in data.items() if v is not None}
+
+
+def version_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two :func:`perf_versions` dicts, one line per name, sorted by name.
+
+    ``["env:OMP_NUM_THREADS 4 → 2", "torch 2.12.0 → 2.13.0", "transformers (none) → 5.23.0"]``.
+    Provenance dicts are accepted as well and reduced with :func:`perf_versions` first.
+    """
+    a, b = _as_versions(old), _as_versions(new)
+    return [
+        f"{name} {a.get(name, '(none)')} → {b.get(name, '(none)')}"
+        for name in sorted(set(a) | set(b))
+        if a.get(name) != b.get(name)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Locked, atomic writing
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _temp_name(path: Path) -> Path:
+    # Hidden and ending in .tmp, so load_dir and "*.json" globs never mistake it for a baseline.
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
+def _stale_temps(path: Path) -> list[Path]:
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
+    try:
+        return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except FileNotFoundError:
+        return []
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on Windows, where os.replace is enough.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash at any point leaves old or new, whole."""
+    data = text.encode("utf-8")
+    tmp = _temp_name(path)
+    # 0o666 minus the umask, like any file the user writes (mkstemp's 0o600 would hide the
+    # baselines from the other accounts on a shared node).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the per-file lock; then remove temp files that only a killed writer can have left.
+
+    Every writer creates its temp file while holding this lock, so once we hold it any temp
+    file of this baseline belongs to a dead process.
+    """
+    lock = filelock.FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise BaselineError(
+            path,
+            None,
+            f"could not take the lock {lock.lock_file} within {LOCK_TIMEOUT_S:g} s; "
+            "another process is updating this baseline — let it finish and retry",
+        ) from None
+    try:
+        for stale in _stale_temps(path):
+            with suppress(OSError):
+                stale.unlink()
+        yield
+    finally:
+        lock.release()
+
+
+def update(
+    path: _PathLike,
+    records: Sequence[Record],
+    *,
+    device: Mapping[str, Any],
+    suite: str,
+    keep_runs: int = 5,
+    reset: bool = False,
+    now: str | None = None,
+) -> list[Change]:
+    """Merge this session's records into the baseline file at ``path``; one :class:`Change` each.
+
+    Under the file's lock the current file is re-read, so entries that another process wrote
+    meanwhile, and entries of tests that did not run now, are kept untouched. For each stored
+    record (``ok`` or ``oom``; ``error`` records are skipped) a run is appended and the history
+    trimmed to the newest ``keep_runs``. When the versions or performance-relevant environment
+    differ from the newest stored run, the older runs describe another software stack, so the
+    history restarts with this run and the change says what differed. ``reset=True`` starts
+    every touched history afresh with this session's runs (a key seen twice in one call keeps
+    both). A corrupt existing file raises :class:`BaselineError` and nothing is written: it is
+    the user's to fix, not ours to overwrite. ``now`` fixes the runs' date (tests, CLI).
+    """
+    path = Path(path)
+    _check_suite(suite)
+    if not _is_int(keep_runs) or keep_runs < 1:
+        raise ValueError(f"keep_runs must be a whole number of runs ≥ 1, got {keep_runs!r}")
+    device = dict(device)
+    if not isinstance(device.get("key"), str) or not device["key"]:
+        raise ValueError(f"device must have a non-empty 'key' string, got {device!r}")
+
+    new_runs: list[tuple[str, dict[str, Any]]] = []
+    for record in records:
+        if record.outcome not in STORED_OUTCOMES:
+            continue
+        if record.suite != suite:
+            raise ValueError(
+                f"record {record.key!r} belongs to suite {record.suite!r}, not {suite!r}; "
+                "records go to their own suite's file"
+            )
+        if record.device_key and record.device_key != device["key"]:
+            raise ValueError(
+                f"record {record.key!r} was measured on {record.device_key!r}, "
+                f"not {device['key']!r}; records go to their own device's file"
+            )
+        new_runs.append((record.key, record_to_run(record, date=now)))
+    if not new_runs:
+        return []
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        current = load(path)
+        if current is not None and current.suite != suite:
+            raise BaselineError(
+                path, "suite", f"expected {suite!r} (the file's suite), got {current.suite!r}"
+            )
+        entries = dict(current.entries) if current is not None else {}
+        changes: list[Change] = []
+        reset_done: set[str] = set()
+        for key, run in new_runs:
+            old = entries.get(key, [])
+            if not old:
+                history, change = [run], Change(key, "added", "1 run")
+            elif reset and key not in reset_done:
+                history = [run]
+                change = Change(key, "reset", f"history reset: {len(old)} old run(s) dropped")
+            else:
+                diffs = version_changes(
+                    perf_versions(old[-1].get("provenance") or {}),
+                    perf_versions(run.get("provenance") or {}),
+                )
+                if diffs:
+                    history = [run]
+                    change = Change(key, "restarted", "history restarted: " + ", ".join(diffs))
+                else:
+                    history = (old + [run])[-keep_runs:]
+                    dropped = len(old) + 1 - len(history)
+                    detail = f"{len(history)} runs kept"
+                    if dropped:
+                        detail += f", {dropped} oldest dropped"
+                    change = Change(key, "appended", detail)
+            if reset:
+                reset_done.add(key)
+            entries[key] = history
+            changes.append(change)
+        merged = BaselineFile(path=path, suite=suite, device=device, entries=entries)
+        _atomic_write(path, dumps(merged.to_json()))
+    return changes
+
+
+def prune(
+    root: _PathLike, live_keys: set[tuple[str, str]], *, dry_run: bool = True
+) -> list[tuple[Path, str]]:
+    """Entries under ``root`` that no collected test produces: ``(file, key)``, sorted.
+
+    ``live_keys`` holds ``(suite, key)`` for every collected test; a key live on any device
+    is kept on all of them. With ``dry_run=False`` the entries are removed, each file
+    rewritten atomically under its lock (re-read there, so a concurrent update survives), a
+    file left empty deleted, and an emptied device directory removed. The caller must collect
+    the whole suite: keys outside a ``-k`` selection look dead.
+    """
+    dead: list[tuple[Path, str]] = []
+    for (_device, suite), loaded in load_dir(root).items():
+        dead.extend(
+            (loaded.path, key) for key in sorted(loaded.entries) if (suite, key) not in live_keys
+        )
+    if dry_run:
+        return dead
+    by_file: dict[Path, set[str]] = {}
+    for file, key in dead:
+        by_file.setdefault(file, set()).add(key)
+    for file, keys in by_file.items():
+        with _locked(file):
+            current = load(file)
+            if current is None:
+                continue
+            entries = {k: v for k, v in current.entries.items() if k not in keys}
+            if entries:
+                current.entries = entries
+                _atomic_write(file, dumps(current.to_json()))
+            else:
+                file.unlink()
+                _fsync_dir(file.parent)
+        # Lock files stay: unlinking one a waiting writer has open would let two writers in.
+        # So the emptied directory only goes away once nothing else is left in it.
+        with suppress(OSError):
+            file.parent.rmdir()
+    return dead
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines at a git revision
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, check=False)
+    except FileNotFoundError:
+        raise BaselineError(
+            repo, None, "git is not installed; expected a git executable on PATH"
+        ) from None
+
+
+def materialize_git_rev(
+    rev: str, subdir: _PathLike, repo: _PathLike, dest: _PathLike | None = None
+) -> Path:
+    """Export the baselines directory ``subdir`` as it was at git revision ``rev``; return it.
+
+    For ``llmperf baselines diff git:REV NEW``: the old side is written to ``dest`` (default: a
+    fresh temporary directory removed when the process exits) and the returned path, the
+    exported ``subdir``, is read with :func:`load_dir` like any other. ``subdir`` is relative
+    to ``repo`` (absolute paths inside ``repo`` are accepted). Blobs are read with
+    ``git cat-file``, not by checking out, so the working tree and index are never touched.
+    An unknown revision, a directory that is not a git repository, or a revision with no
+    files under ``subdir`` raise :class:`BaselineError`.
+    """
+    repo = Path(repo)
+    if _git(repo, "rev-parse", "--git-dir").returncode != 0:
+        raise BaselineError(repo, None, "not a git repository; expected a git checkout")
+    if not rev or rev.startswith("-"):
+        raise BaselineError(f"git:{rev}", None, "not a revision; expected a commit, branch or tag")
+    found = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if found.returncode != 0:
+        raise BaselineError(
+            f"git:{rev}",
+            None,
+            f"unknown revision in {repo}; expected a commit, branch or tag (see git log)",
+        )
+    commit = found.stdout.decode().strip()
+
+    sub = Path(subdir)
+    if sub.is_absolute():
+        try:
+            sub = sub.resolve().relative_to(repo.resolve())
+        except ValueError:
+            raise BaselineError(sub, None, f"is outside the repository {repo}") from None
+    rel = PurePosixPath(sub.as_posix())
+    listing = _git(repo, "ls-tree", "-r", "-z", commit, "--", str(rel))
+    if listing.returncode != 0:
+        message = listing.stderr.decode(errors="replace").strip()
+        raise BaselineError(f"git:{rev}", None, f"cannot list {rel}: {message}")
+
+    if dest is None:
+        out = Path(tempfile.mkdtemp(prefix="llmperf-git-"))
+        atexit.register(shutil.rmtree, out, True)
+    else:
+        out = Path(dest)
+    wrote = 0
+    for item in listing.stdout.split(b"\0"):
+        if not item:
+            continue
+        meta, _, name = item.partition(b"\t")
+        mode, kind, obj = meta.decode().split()
+        member = PurePosixPath(name.decode("utf-8", "surrogateescape"))
+        # Only regular files; a path escaping the target would be a hostile tree.
+        if kind != "blob" or mode not in ("100644", "100755"):
+            continue
+        if member.is_absolute() or ".." in member.parts:
+            continue
+        blob = _git(repo, "cat-file", "blob", obj)
+        if blob.returncode != 0:
+            message = blob.stderr.decode(errors="replace").strip()
+            raise BaselineError(f"git:{rev}", str(member), f"cannot read: {message}")
+        target = out.joinpath(*member.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(blob.stdout)
+        wrote += 1
+    if not wrote:
+        raise BaselineError(
+            f"git:{rev}", None, f"has no files under {rel}; expected a baselines directory there"
+        )
+    return out.joinpath(*rel.parts)

@@ -1,0 +1,327 @@
+"""The ``llmperf`` command: record, show, diff and prune baselines; merge reports; list models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from . import __version__, baselines, report
+from .metrics import METRICS
+from .results import MetricValue, Record
+from .verdict import GateSettings, Verdict, compare_metric, format_value
+
+
+class CliError(Exception):
+    pass
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+
+    rows = [["id", "family", "tier", "parameters", "bf16 weights", "checkpoint"]]
+    for spec in sorted(
+        models.catalog().values(), key=lambda s: (s.tier, s.family, s.param_count())
+    ):
+        rows.append(
+            [
+                spec.id,
+                spec.family,
+                spec.tier,
+                f"{spec.param_count() / 1e6:,.1f} M",
+                format_value(spec.weight_bytes("bf16"), "B"),
+                spec.hf_id or "(synthetic only)",
+            ]
+        )
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[list[str]], out: Any = None) -> None:
+    out = out or sys.stdout
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+# -- baselines record ----------------------------------------------------------------------------
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """N fresh pytest processes, each appending one run: between-run noise is what a gate needs."""
+    if args.runs < 1:
+        raise CliError(f"--runs {args.runs}: expected a positive integer")
+    pytest_args = [a for a in args.pytest_args if a != "--"]
+    for n in range(1, args.runs + 1):
+        extra = ["--llmperf-reset-baselines"] if (args.reset and n == 1) else []
+        cmd = [sys.executable, "-m", "pytest", *pytest_args, "--llmperf-update-baselines", *extra]
+        print(f"llmperf: recording run {n}/{args.runs}: {' '.join(cmd[2:])}", flush=True)
+        code = subprocess.call(cmd)
+        if code not in (0,):
+            print(
+                f"llmperf: run {n} exited with {code}; stopping (runs already recorded are kept)",
+                file=sys.stderr,
+            )
+            return code
+    return 0
+
+
+# -- baselines show ------------------------------------------------------------------------------
+
+
+def _main_metric(run: dict[str, Any]) -> Optional[str]:
+    for name in ("e2e_latency_s", "time_s"):
+        if name in run.get("metrics", {}):
+            return name
+    names = sorted(run.get("metrics", {}))
+    return names[0] if names else None
+
+
+def _medians(runs: list[dict[str, Any]], name: str) -> list[float]:
+    return [
+        r["metrics"][name]["median"]
+        for r in runs
+        if r.get("outcome") == "ok" and r.get("metrics", {}).get(name, {}).get("median") is not None
+    ]
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    files = baselines.load_dir(root)
+    if not files:
+        print(f"no baseline files under {root}")
+        return 0
+    for (device, suite), bf in sorted(files.items()):
+        print(f"\n{device} / {suite}.json  ({len(bf.entries)} entries)")
+        rows = [["entry", "runs", "outcome", "metric", "median", "between-run CV", "newest"]]
+        for key, runs in sorted(bf.entries.items()):
+            newest = runs[-1] if runs else {}
+            name = _main_metric(newest)
+            meds = _medians(runs, name) if name else []
+            cv = (
+                statistics.stdev(meds) / statistics.mean(meds)
+                if len(meds) >= 2 and statistics.mean(meds)
+                else None
+            )
+            rows.append(
+                [
+                    key,
+                    str(len(runs)),
+                    newest.get("outcome", "-"),
+                    name or "-",
+                    format_value(statistics.median(meds), METRICS[name].unit) if meds else "-",
+                    f"{cv:.2%}" if cv is not None else "(1 run)",
+                    str(newest.get("date", "-")),
+                ]
+            )
+        print_table(rows)
+    return 0
+
+
+# -- baselines diff ------------------------------------------------------------------------------
+
+
+def _resolve_dir(text: str, repo: Path) -> Path:
+    if text.startswith("git:"):
+        rev = text[4:]
+        return baselines.materialize_git_rev(rev, "baselines", repo)
+    path = Path(text)
+    if not path.is_dir():
+        raise CliError(f"{text}: not a directory (use git:REV for a git revision)")
+    return path
+
+
+def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
+    """Markdown lines: per entry and metric, old vs new with significance and version changes."""
+    old_files = baselines.load_dir(old)
+    new_files = baselines.load_dir(new)
+    lines = [
+        "| device / suite | entry | metric | old | new | ratio | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    changes: dict[str, set[str]] = {}
+    for where in sorted(set(old_files) | set(new_files)):
+        before = old_files.get(where)
+        after = new_files.get(where)
+        label = f"{where[0]} / {where[1]}"
+        keys = sorted(set(before.entries if before else {}) | set(after.entries if after else {}))
+        for key in keys:
+            old_runs = before.runs(key) if before else []
+            new_runs = after.runs(key) if after else []
+            if not new_runs:
+                lines.append(f"| {label} | `{key}` | | | (removed) | | |")
+                continue
+            if not old_runs:
+                lines.append(
+                    f"| {label} | `{key}` | | (none) | {new_runs[-1].get('outcome')} | | added |"
+                )
+                continue
+            latest = new_runs[-1]
+            changed = baselines.version_changes(
+                baselines.perf_versions(old_runs[-1].get("provenance", {})),
+                baselines.perf_versions(latest.get("provenance", {})),
+            )
+            if changed:
+                changes.setdefault(label, set()).update(changed)
+            if latest.get("outcome") != "ok" or old_runs[-1].get("outcome") != "ok":
+                lines.append(
+                    f"| {label} | `{key}` | outcome | {old_runs[-1].get('outcome')} | "
+                    f"{latest.get('outcome')} | | |"
+                )
+                continue
+            for name, m in sorted(latest.get("metrics", {}).items()):
+                if name not in METRICS or m.get("median") is None:
+                    continue
+                current = MetricValue(name, m["median"], list(m.get("samples", [])))
+                mv = compare_metric(name, current, old_runs, GateSettings(alpha=alpha))
+                if mv.verdict is Verdict.NO_BASELINE:
+                    continue
+                unit = METRICS[name].unit
+                ratio = f"×{mv.ratio:.3f}" if mv.ratio is not None else ""
+                p = f", p={mv.p_value:.2g}" if mv.p_value is not None else ""
+                lines.append(
+                    f"| {label} | `{key}` | {name} | {format_value(mv.baseline, unit)} | "
+                    f"{format_value(mv.current, unit)} | {ratio} | {mv.verdict.value}{p} |"
+                )
+    if changes:
+        lines += ["", "Versions that changed:"]
+        for label, items in sorted(changes.items()):
+            lines.append(f"- {label}: {', '.join(sorted(items))}")
+    return lines
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo = Path(args.repo)
+    old = _resolve_dir(args.old, repo)
+    new = _resolve_dir(args.new, repo)
+    print("\n".join(diff_rows(old, new, alpha=args.alpha)))
+    return 0
+
+
+# -- baselines prune -----------------------------------------------------------------------------
+
+
+def collected_keys(pytest_args: Sequence[str]) -> set[tuple[str, str]]:
+    """(suite, key) of every test the given pytest arguments collect, from a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "keys.json"
+        cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", *pytest_args]
+        env = {**os.environ, "LLMPERF_KEYS_OUT": str(out)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode not in (0, 5) or not out.exists():
+            raise CliError(
+                f"collecting tests failed ({' '.join(cmd[2:])}, exit {proc.returncode}):\n"
+                + (proc.stdout + proc.stderr).strip()[-2000:]
+            )
+        return {(s, k) for s, k in json.loads(out.read_text())}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    live = collected_keys([a for a in args.pytest_args if a != "--"])
+    # Named workloads ("key:name") exist only at run time; they live while their test does.
+    root = Path(args.dir)
+    if root.is_dir():
+        for (_device, suite), bf in baselines.load_dir(root).items():
+            live |= {(suite, k) for k in bf.entries if (suite, k.split(":", 1)[0]) in live}
+    stale = baselines.prune(Path(args.dir), live, dry_run=not args.yes)
+    if not stale:
+        print(f"nothing to prune: every entry under {args.dir} is produced by a collected test")
+        return 0
+    verb = "removed" if args.yes else "would remove"
+    for path, key in stale:
+        print(f"{verb}: {path}: {key}")
+    if not args.yes:
+        print(f"{len(stale)} stale entries; run again with --yes to remove them")
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for path in args.results:
+        try:
+            rows += report.load_results(Path(path))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    for row in rows:
+        Record.from_json(row["record"])  # validates the shape early, with the key in the error
+    text = report.summary_markdown(rows)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output} ({len(rows)} results from {len(args.results)} files)")
+    else:
+        print(text, end="")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmperf", description=__doc__)
+    p.add_argument("--version", action="version", version=f"pytest-llmperf {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the model catalog").set_defaults(func=cmd_models)
+
+    b = sub.add_parser("baselines", help="record, show, diff or prune baselines")
+    bsub = b.add_subparsers(dest="action", required=True)
+
+    rec = bsub.add_parser(
+        "record",
+        help="run pytest N times in fresh processes, each appending a baseline run",
+    )
+    rec.add_argument("--runs", type=int, default=3, help="fresh pytest processes (default 3)")
+    rec.add_argument("--reset", action="store_true", help="start the history afresh on run 1")
+    rec.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
+    rec.set_defaults(func=cmd_record)
+
+    show = bsub.add_parser("show", help="entries, runs and between-run spread per device")
+    show.add_argument("dir", nargs="?", default="baselines")
+    show.set_defaults(func=cmd_show)
+
+    diff = bsub.add_parser("diff", help="compare two baseline directories or git:REV")
+    diff.add_argument("old")
+    diff.add_argument("new")
+    diff.add_argument("--alpha", type=float, default=0.01)
+    diff.add_argument("--repo", default=".", help="git repository for git:REV (default .)")
+    diff.set_defaults(func=cmd_diff)
+
+    prune = bsub.add_parser("prune", help="remove entries no collected test produces")
+    prune.add_argument("--dir", default="baselines")
+    prune.add_argument("--yes", action="store_true", help="really remove (default: dry run)")
+    prune.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest args to collect")
+    prune.set_defaults(func=cmd_prune)
+
+    rep = sub.add_parser("report", help="merge results.json files into one Markdown report")
+    rep.add_argument("results", nargs="+")
+    rep.add_argument("-o", "--output")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, baselines.BaselineError) as exc:
+        print(f"llmperf: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

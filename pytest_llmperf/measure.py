@@ -1,0 +1,115 @@
+"""The timing loop: warm-up outside the rounds, a device sync before every clock read.
+
+Kept free of pytest and torch so it can be tested with a fake backend and a fake clock, and
+reused by ``llmperf.generate`` and ``llmperf.measure`` alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .backends.base import Backend
+
+#: ttft + (new_tokens − 1) · tpot must explain e2e within this fraction; otherwise time is
+#: spent outside token generation (tokenization, a host copy) and the split is flagged.
+CONSISTENCY_TOLERANCE = 0.02
+
+TokenHook = Callable[[], None]
+
+
+class TokenCountError(AssertionError):
+    """generate() produced a different number of tokens than the benchmark claims."""
+
+
+@dataclass
+class Timing:
+    warmup_s: float
+    e2e: list[float]
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    peak_memory_bytes: Optional[int] = None
+    output: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _stamp(backend: Backend, into: list[float]) -> TokenHook:
+    def hook() -> None:
+        backend.synchronize()
+        into.append(backend.clock())
+
+    return hook
+
+
+def run_rounds(
+    backend: Backend,
+    call: Callable[[Optional[TokenHook]], Any],
+    *,
+    rounds: int,
+    warmup: int,
+    new_tokens: Optional[int] = None,
+    count_new_tokens: Optional[Callable[[Any], int]] = None,
+) -> Timing:
+    """Run ``warmup`` untimed calls, then ``rounds`` timed ones.
+
+    ``call(hook)`` performs one workload; for generation it calls ``hook`` once per new token
+    (from a stopping criterion) so TTFT and TPOT come from the very rounds that give e2e,
+    not from a separate prefill-only run whose caches differ. ``hook`` is None for plain
+    callables. Warm-up calls get a hook too, so graph capture sees the same code path.
+    """
+    stamps: list[float] = []
+    hook = _stamp(backend, stamps) if new_tokens is not None else None
+
+    backend.synchronize()
+    start = backend.clock()
+    for _ in range(warmup):
+        call(hook)
+    backend.synchronize()
+    warmup_s = backend.clock() - start
+
+    backend.reset_peak_memory()
+    timing = Timing(warmup_s=warmup_s, e2e=[])
+    for index in range(rounds):
+        stamps.clear()
+        backend.synchronize()
+        t0 = backend.clock()
+        out = call(hook)
+        backend.synchronize()
+        t1 = backend.clock()
+        timing.e2e.append(t1 - t0)
+        timing.output = out
+        if new_tokens is None:
+            continue
+        if count_new_tokens is not None:
+            produced = count_new_tokens(out)
+            if produced != new_tokens:
+                raise TokenCountError(
+                    f"round {index + 1}: generate returned {produced} new tokens but "
+                    f"{new_tokens} were requested; the per-token metrics would be wrong"
+                )
+        if len(stamps) == new_tokens:
+            timing.ttft.append(stamps[0] - t0)
+            timing.tpot.append(
+                (stamps[-1] - stamps[0]) / (new_tokens - 1) if new_tokens > 1 else 0.0
+            )
+        elif index == 0:
+            timing.notes.append(
+                f"the token hook fired {len(stamps)} times for {new_tokens} tokens: "
+                "ttft_s/tpot_s not measured"
+            )
+    timing.peak_memory_bytes = backend.peak_memory_bytes()
+    if timing.ttft and new_tokens:
+        worst = max(
+            (
+                abs(e - (f + (new_tokens - 1) * p)) / e
+                for e, f, p in zip(timing.e2e, timing.ttft, timing.tpot)
+                if e > 0
+            ),
+            default=0.0,
+        )
+        if worst > CONSISTENCY_TOLERANCE:
+            timing.notes.append(
+                f"ttft + (new_tokens-1)*tpot differs from e2e by {worst:.1%} "
+                f"(> {CONSISTENCY_TOLERANCE:.0%}): time is spent outside token generation"
+            )
+    return timing

@@ -1,0 +1,54 @@
+"""The metric vocabulary: names, units and which direction is better.
+
+Every number the plugin prints, stores or gates is named here, so the README, the baseline
+files and the verdict agree on units and direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    lower_is_better: bool
+    description: str
+
+    @property
+    def direction(self) -> str:
+        return "lower" if self.lower_is_better else "higher"
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("e2e_latency_s", "s", True, "one generate call, device sync to device sync"),
+        Metric("ttft_s", "s", True, "start of the call to the first new token (prefill)"),
+        Metric("tpot_s", "s", True, "mean time per new token after the first"),
+        Metric("ms_per_token", "ms", True, "e2e / (batch_size × new_tokens) × 1000"),
+        Metric("tokens_per_s", "tokens/s", False, "batch_size × new_tokens / e2e"),
+        Metric("load_time_s", "s", True, "building or loading the model until it is ready"),
+        Metric("warmup_s", "s", True, "wall time of all warm-up calls (compile included)"),
+        Metric(
+            "peak_memory_bytes",
+            "B",
+            True,
+            "device peak during the rounds; on CPU the RSS increase over the rounds' start",
+        ),
+        Metric("roofline_fraction", "1", False, "(weight bytes ÷ memory bandwidth) ÷ tpot"),
+        Metric("time_s", "s", True, "one call of a function timed with llmperf.measure"),
+    )
+}
+
+# Gated unless a test names its own list with llmperf(gate=[...]). The outcome (OOM) is
+# always gated; output digests only under --llmperf-check-outputs.
+DEFAULT_GATED = ("e2e_latency_s", "time_s", "peak_memory_bytes")
+
+
+def metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None

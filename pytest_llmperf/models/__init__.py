@@ -1,0 +1,54 @@
+"""Offline model catalog: exact ids -> real shapes, seeded weights, an offline tokenizer.
+
+The shipped suites must run on a node with no network and no checkpoints, yet measure the
+shapes of the published models. So each id maps to a shipped config.json with the real
+hyperparameters; weights come from a local checkpoint or the HF cache when present, and from a
+seed otherwise. Importing this package costs json and pathlib only (collection must stay light);
+torch and transformers load inside build_model / build_tokenizer / encode_prompt.
+"""
+
+from __future__ import annotations
+
+from .catalog import (
+    CONFIG_DIR,
+    DTYPE_BYTES,
+    DTYPES,
+    FAMILIES,
+    KNOWN_PROMPT_TOKENS,
+    SEED_PROMPT,
+    SEED_PROMPT_TOKENS,
+    TIERS,
+    ModelShape,
+    ModelSpec,
+    catalog,
+    estimate_generation_bytes,
+    get,
+    models_for_tier,
+    torch_dtype,
+)
+from .tokenizer import build_tokenizer, encode_prompt
+from .weights import build_model, checkpoint_fingerprint, dtype_kwargs, hf_cache_snapshot
+
+__all__ = [
+    "CONFIG_DIR",
+    "DTYPES",
+    "DTYPE_BYTES",
+    "FAMILIES",
+    "KNOWN_PROMPT_TOKENS",
+    "SEED_PROMPT",
+    "SEED_PROMPT_TOKENS",
+    "TIERS",
+    "ModelShape",
+    "ModelSpec",
+    "build_model",
+    "build_tokenizer",
+    "catalog",
+    "checkpoint_fingerprint",
+    "dtype_kwargs",
+    "encode_prompt",
+    "estimate_generation_bytes",
+    "get",
+    "hf_cache_snapshot",
+    "models_for_tier",
+    "torch_dtype",
+]

@@ -1,0 +1,266 @@
+"""Turning a catalog entry into a model: a real checkpoint when one is on disk, else seeded weights.
+
+Benchmarks measure shapes, not knowledge, so random weights of the real shape time the same
+kernels as the published checkpoint; the weight source is still recorded, because greedy outputs
+(and so the output digest) depend on it. torch and transformers are imported inside functions
+only: this module is imported while pytest collects.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from .catalog import ModelSpec, torch_dtype
+
+# Random values are drawn in chunks, each from its own generator seeded by (seed, parameter
+# name, chunk index). Fixed chunking makes the weights independent of the thread count, the device
+# and the construction order; per-chunk generators let threads fill one tensor in parallel (a
+# torch CPU generator is single-threaded: ~3.5 ns per value).
+_CHUNK = 1 << 22
+# Models on an accelerator are filled through a CPU staging slab of at most this many values, so
+# building bloomz-7b1 on a GPU never holds a second full copy in host memory.
+_SLAB = 1 << 28
+
+
+def build_model(
+    spec: ModelSpec,
+    dtype: str,
+    device: str = "cpu",
+    seed: int = 0,
+    checkpoint: Optional[str] = None,
+) -> tuple[Any, str]:
+    """(model in eval mode, weight_source).
+
+    Order: an explicit `checkpoint` (a local directory, or an HF id already in the local cache),
+    which must exist (a typo must not silently benchmark random weights); then spec.hf_id if it is
+    fully in the local HF cache; then random weights from `seed`. The HF cache is only read, never
+    downloaded from, so a node without network fails over in milliseconds.
+
+    weight_source is ``"seed:<seed>"`` or ``"checkpoint:<path or hf id>@<short hash>"``; it feeds
+    the output digest, so a digest change can be told apart from a weights change.
+    """
+    tdtype = torch_dtype(dtype)
+    if checkpoint is not None:
+        directory, label, short_hash = _resolve_checkpoint(spec, checkpoint)
+        return _load_checkpoint(directory, tdtype, device), f"checkpoint:{label}@{short_hash}"
+    snapshot = hf_cache_snapshot(spec.hf_id, need_weights=True) if spec.hf_id else None
+    if snapshot is not None:
+        _check_family(spec, snapshot)
+        model = _load_checkpoint(snapshot, tdtype, device)
+        return model, f"checkpoint:{spec.hf_id}@{snapshot.name[:12]}"
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return _build_random(spec, tdtype, device, seed), f"seed:{seed}"
+
+
+def dtype_kwargs(tdtype: Any) -> dict[str, Any]:
+    """``{"dtype": ...}`` or ``{"torch_dtype": ...}``: transformers 4.56 renamed the keyword, and
+    optimum-habana pins 4.55 while current releases warn on the old name."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": tdtype}
+
+
+def hf_cache_snapshot(hf_id: str, need_weights: bool = False) -> Optional[Path]:
+    """The local snapshot directory of `hf_id` at the cached ``main`` revision, or None.
+
+    Reads the cache layout only (huggingface_hub.try_to_load_from_cache): no network, no lock,
+    no warning, whatever HF_HUB_OFFLINE says. With `need_weights`, a snapshot that holds only
+    config/tokenizer files, or a partly downloaded shard set, counts as absent.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return None
+    try:
+        found = try_to_load_from_cache(hf_id, "config.json")
+    except Exception:  # an id that is not a valid repo name is simply not cached
+        return None
+    if not isinstance(found, str):  # None, or the "known not to exist" sentinel
+        return None
+    snapshot = Path(found).parent
+    if need_weights and not _has_safetensors(snapshot):
+        return None
+    return snapshot
+
+
+def _has_safetensors(directory: Path) -> bool:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return False
+        return all((directory / shard).is_file() for shard in shards)
+    return any(directory.glob("*.safetensors"))
+
+
+def _resolve_checkpoint(spec: ModelSpec, checkpoint: str) -> tuple[Path, str, str]:
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"checkpoint {checkpoint!r}: no config.json in {path}")
+        if not _has_safetensors(path):
+            raise ValueError(
+                f"checkpoint {checkpoint!r}: no complete set of *.safetensors files in {path}"
+            )
+        _check_family(spec, path)
+        return path, str(path), checkpoint_fingerprint(path)
+    snapshot = hf_cache_snapshot(checkpoint, need_weights=True)
+    if snapshot is not None:
+        _check_family(spec, snapshot)
+        return snapshot, checkpoint, snapshot.name[:12]
+    raise ValueError(
+        f"checkpoint {checkpoint!r} is neither a local directory with config.json and "
+        "*.safetensors nor a model fully present in the local Hugging Face cache "
+        "(nothing is downloaded)"
+    )
+
+
+def _check_family(spec: ModelSpec, directory: Path) -> None:
+    # A bloom checkpoint passed for a llama id would benchmark the wrong architecture under the
+    # right name, and the baseline would never notice.
+    model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(
+        "model_type"
+    )
+    if model_type != spec.family:
+        raise ValueError(
+            f"checkpoint {directory} has model_type {model_type!r}, but model {spec.id!r} "
+            f"is a {spec.family!r} model"
+        )
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """Short hash identifying a local checkpoint without reading all of it.
+
+    Hashing 350 GB of BLOOM weights would take minutes per test session, so this hashes
+    config.json, each safetensors header (names, dtypes, shapes, offsets) and size, and 16
+    sampled 64 KiB blocks of each file's data. Any fine-tune or re-quantization changes those.
+    """
+    files = sorted(directory.glob("*.safetensors"))
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    config = (directory / "config.json").read_bytes()
+    return _fingerprint(key, hashlib.sha256(config).hexdigest())
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(files: tuple[tuple[str, int, int], ...], config_digest: str) -> str:
+    h = hashlib.sha256(config_digest.encode())
+    block, samples = 1 << 16, 16
+    for path, size, _mtime in files:
+        h.update(f"{Path(path).name}:{size}".encode())
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(header_len))
+            start = 8 + header_len
+            span = max(size - start - block, 0)
+            for i in range(samples):
+                f.seek(start + span * i // max(samples - 1, 1))
+                h.update(f.read(block))
+    return h.hexdigest()[:12]
+
+
+def _load_checkpoint(directory: Path, tdtype: Any, device: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), local_files_only=True, **dtype_kwargs(tdtype)
+    )
+    return model.to(device).eval()
+
+
+def _build_random(spec: ModelSpec, tdtype: Any, device: str, seed: int) -> Any:
+    """Build on the meta device in the target dtype, then fill each tensor once on `device`.
+
+    No fp32 copy of the model ever exists (bloom-560m in bf16 peaks at ~1.1 GB, not 3.4 GB),
+    and transformers' own initialization, which draws from the global RNG, never runs.
+    Values are uniform with the config's initializer_range as standard deviation (the uniform
+    generator is 3x cheaper than normal and bit-identical across CPU instruction sets); biases are
+    0 and norm weights 1, as transformers initializes them. bf16/fp16 weights are the fp32 draws
+    rounded, so one seed is the same model in every dtype.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = spec.config_dict()
+    config = AutoConfig.for_model(**cfg)
+    # include_buffers=False: buffers (RoPE inv_freq) are computed at construction and must stay
+    # real; only parameters go to meta.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(tdtype))
+    # accelerate's patched register_parameter re-wraps every assigned Parameter, which unties
+    # lm_head from the input embeddings; re-tie before materializing so they stay one tensor.
+    model.tie_weights()
+
+    bound = float(cfg.get("initializer_range", 0.02)) * math.sqrt(3.0)
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    built: dict[int, Any] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in built:
+                name = canonical[id(param)]
+                data = _materialize(name, param, device, seed, bound)
+                built[id(param)] = torch.nn.Parameter(data, requires_grad=param.requires_grad)
+            module._parameters[key] = built[id(param)]
+    model.to(device)
+    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"{spec.id}: tensors left on the meta device: {leftover[:5]}")
+    return model.eval()
+
+
+def _materialize(name: str, meta: Any, device: str, seed: int, bound: float) -> Any:
+    import torch
+
+    out = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+    if meta.ndim < 2:
+        # 1-D parameters in these families are biases and norm scales.
+        return out.fill_(0.0 if name.endswith("bias") else 1.0)
+    flat = out.view(-1)
+    total = flat.numel()
+    if out.device.type == "cpu":
+        _fill_uniform(flat, 0, name, seed, bound)
+        return out
+    for start in range(0, total, _SLAB):
+        slab = torch.empty(min(_SLAB, total - start), dtype=meta.dtype)
+        _fill_uniform(slab, start, name, seed, bound)
+        flat[start : start + slab.numel()].copy_(slab)
+    return out
+
+
+def _fill_uniform(dst: Any, offset: int, name: str, seed: int, bound: float) -> None:
+    """Fill the flat CPU tensor `dst`, which holds elements offset.. of parameter `name`."""
+    import torch
+
+    def fill(first: int) -> None:
+        n = min(_CHUNK, offset + dst.numel() - first)
+        digest = hashlib.blake2b(f"{seed}/{name}/{first // _CHUNK}".encode(), digest_size=8)
+        gen = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+        view = dst[first - offset : first - offset + n]
+        if view.dtype == torch.float32:
+            view.uniform_(-bound, bound, generator=gen)
+        else:
+            view.copy_(torch.empty(n).uniform_(-bound, bound, generator=gen))
+
+    # Chunk boundaries are multiples of _CHUNK in parameter coordinates; _SLAB is a multiple of
+    # _CHUNK so slabs never split a chunk.
+    firsts = range(offset, offset + dst.numel(), _CHUNK)
+    workers = min(len(firsts), torch.get_num_threads(), 16)
+    if workers <= 1:
+        for first in firsts:
+            fill(first)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(fill, firsts))
+

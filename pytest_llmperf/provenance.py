@@ -1,0 +1,69 @@
+"""Where a number came from: library, SDK and driver versions plus performance-relevant env.
+
+Versions go into provenance, never into the baseline key: after an upgrade the new numbers
+are compared against the old baseline and the failure message names what changed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from . import __version__
+from .backends.base import Backend, installed_versions
+
+#: Distributions whose version can move a benchmark; read from metadata, never imported.
+DISTRIBUTIONS = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "deepspeed",
+    "bitsandbytes",
+    "optimum",
+    "optimum-habana",
+    "optimum-neuron",
+    "intel-extension-for-pytorch",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "pytest-llmperf": __version__}
+    out.update(installed_versions(*DISTRIBUTIONS))
+    return out
+
+
+def git_commit(root: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def utc_now() -> str:
+    return (
+        _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )
+
+
+def collect(backend: Backend, root: Path) -> dict[str, Any]:
+    versions = library_versions()
+    versions.update(backend.versions())
+    return {
+        "versions": dict(sorted(versions.items())),
+        "env": backend.environment(),
+        "git_commit": git_commit(root),
+        "hostname": socket.gethostname(),
+        "date": utc_now(),
+    }

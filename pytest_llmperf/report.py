@@ -1,0 +1,265 @@
+"""Reports: results JSON (flushed after every test), Markdown summary, terminal table.
+
+Rows are plain JSON ({"nodeid", "test_outcome", "record", "verdict"}) so the same functions
+serve the live run, pytest-xdist controllers and ``llmperf report`` over saved files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from . import __version__
+from .metrics import METRICS
+from .verdict import EntryVerdict, format_value
+
+RESULTS_SCHEMA = 1
+
+
+def verdict_json(entry: Optional[EntryVerdict]) -> Optional[dict[str, Any]]:
+    if entry is None:
+        return None
+    return {
+        "key": entry.key,
+        "failed": entry.failed,
+        "worst": entry.worst.value,
+        "metrics": [
+            {**asdict(m), "verdict": m.verdict.value, "failed": m.failed} for m in entry.metrics
+        ],
+    }
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(directory: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
+    """Rewrite results.json atomically: a run killed mid-way keeps every finished test."""
+    data = {
+        "schema": RESULTS_SCHEMA,
+        "plugin": __version__,
+        "run": info,
+        "results": rows,
+    }
+    path = Path(directory) / "results.json"
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable results file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path}: field 'results' missing: not an llmperf results.json")
+    return data["results"]
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def _metric(record: dict[str, Any], name: str) -> Optional[float]:
+    return (record.get("metrics", {}).get(name) or {}).get("median")
+
+
+def _fmt(record: dict[str, Any], name: str) -> str:
+    value = _metric(record, name)
+    if value is None:
+        return "-"
+    unit = METRICS[name].unit
+    if unit == "s":
+        return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.3f} s"
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    if unit == "tokens/s":
+        return f"{value:.1f}"
+    return format_value(value, unit)
+
+
+def verdict_word(row: dict[str, Any]) -> str:
+    v = row.get("verdict")
+    record = row["record"]
+    if record["outcome"] == "error":
+        return "error"
+    if v is None:
+        return "not judged"
+    return ("FAIL " if v["failed"] else "") + v["worst"]
+
+
+def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for row in rows:
+        r = row["record"]
+        main = "e2e_latency_s" if "e2e_latency_s" in r.get("metrics", {}) else "time_s"
+        out.append(
+            [
+                r["key"],
+                r["backend"],
+                r["outcome"],
+                _fmt(r, main),
+                _fmt(r, "ms_per_token"),
+                _fmt(r, "tokens_per_s"),
+                _fmt(r, "peak_memory_bytes"),
+                verdict_word(row),
+            ]
+        )
+    return out
+
+
+HEADER = ["test", "backend", "outcome", "median e2e", "ms/token", "tokens/s", "peak mem", "verdict"]
+
+
+def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
+    if not rows:
+        return []
+    body = _table_rows(rows)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
+
+    def line(cells: list[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += [
+            c.rjust(w) if i < 6 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells[1:], widths[1:]), 1)
+        ]
+        return "  ".join(parts).rstrip()
+
+    lines = ["= llmperf results", line(HEADER)]
+    lines += [line(b) for b in body]
+    notes = [
+        f"  {row['record']['key']}: {row['record']['note']}"
+        for row in rows
+        if row["record"].get("note")
+    ]
+    details = []
+    for row in rows:
+        v = row.get("verdict") or {}
+        for m in v.get("metrics", []):
+            if m["verdict"] in ("regressed", "improved", "new-oom", "fixed-oom", "output-changed"):
+                stale = (
+                    " (baseline is stale, consider updating)" if m["verdict"] == "improved" else ""
+                )
+                details.append(f"  {row['record']['key']}: {m['verdict']}: {m['detail']}{stale}")
+    if notes:
+        lines += ["notes:", *notes]
+    if details:
+        lines += ["verdicts:", *details]
+    missing = sum(1 for row in rows if (row.get("verdict") or {}).get("worst") == "no-baseline")
+    if missing:
+        lines.append(
+            f"{missing} workload(s) have no baseline: record them with "
+            "`llmperf baselines record --runs 3 <pytest args>`"
+        )
+    return lines
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per backend: test, metric, baseline, now, ratio, verdict."""
+    by_backend: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_backend[row["record"]["backend"]].append(row)
+    out = ["# llmperf summary", ""]
+    if not rows:
+        out.append("No benchmark ran.")
+    for backend, group in sorted(by_backend.items()):
+        devices = sorted({r["record"]["device_key"] for r in group})
+        out += [f"## {backend} ({', '.join(devices)})", ""]
+        out += ["| test | metric | baseline | now | ratio | verdict |", "|---|---|---|---|---|---|"]
+        for row in group:
+            r = row["record"]
+            v = row.get("verdict")
+            if v is None or r["outcome"] != "ok":
+                out.append(f"| `{r['key']}` | outcome | | {r['outcome']} | | {verdict_word(row)} |")
+                continue
+            for m in v["metrics"]:
+                if m["metric"] not in METRICS:
+                    if m["verdict"] != "pass":
+                        out.append(f"| `{r['key']}` | {m['metric']} | | | | {m['verdict']} |")
+                    continue
+                unit = METRICS[m["metric"]].unit
+                ratio = f"×{m['ratio']:.3f}" if m.get("ratio") is not None else ""
+                word = ("**FAIL** " if m["failed"] else "") + m["verdict"]
+                out.append(
+                    f"| `{r['key']}` | {m['metric']} | {format_value(m['baseline'], unit)} | "
+                    f"{format_value(m['current'], unit)} | {ratio} | {word} |"
+                )
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+# -- pytest-benchmark interop ----------------------------------------------------------------
+
+
+def benchmark_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Our rounds in pytest-benchmark's JSON shape, so ``pytest-benchmark compare`` reads them."""
+    from pytest_benchmark.stats import Stats
+
+    out = []
+    for row in rows:
+        r = row["record"]
+        name = "e2e_latency_s" if "e2e_latency_s" in r["metrics"] else "time_s"
+        samples = (r["metrics"].get(name) or {}).get("samples") or []
+        if r["outcome"] != "ok" or not samples:
+            continue
+        stats = Stats()
+        for s in samples:
+            stats.update(s)
+        out.append(
+            {
+                "group": f"llmperf:{r['suite']}",
+                "name": f"{r['key']}[{r['backend']}]",
+                "fullname": row["nodeid"]
+                + (f":{r['key'].split(':', 1)[1]}" if ":" in r["key"] else ""),
+                "params": r.get("workload"),
+                "param": r["backend"],
+                "extra_info": {
+                    "llmperf_key": r["key"],
+                    "device_key": r["device_key"],
+                    **{
+                        k: v.get("median")
+                        for k, v in r["metrics"].items()
+                        if k != name and v.get("median") is not None
+                    },
+                },
+                "options": {"timer": "perf_counter+device_sync", "warmup": True},
+                "stats": {**stats.as_dict(), "data": list(samples), "iterations": 1},
+            }
+        )
+    return out
+
+
+def write_benchmark_json(path: str, entries: list[dict[str, Any]]) -> None:
+    """Write --benchmark-json ourselves when pytest-benchmark had no benchmark of its own.
+
+    pytest-benchmark skips saving (and so never calls pytest_benchmark_update_json) when its
+    own fixture never ran; our entries would vanish.
+    """
+    if not entries:
+        return
+    import datetime as _dt
+
+    from pytest_benchmark import __version__ as pb_version
+
+    data = {
+        "machine_info": {},
+        "commit_info": {},
+        "benchmarks": entries,
+        "datetime": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "version": pb_version,
+    }
+    atomic_write(Path(path), json.dumps(data, indent=4) + "\n")

@@ -1,0 +1,264 @@
+"""The run's state: settings, the model cache, verdicts and what goes into reports and baselines.
+
+One object per pytest process, held in ``config.stash``. Workers of pytest-xdist judge their own
+tests; the controller collects every record from the test reports and is the only writer of
+the report and of baseline files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import backends, baselines, provenance, report, verdict
+from .backends.base import Backend
+from .results import Record
+from .runner import ModelCache
+from .settings import Settings
+
+
+@dataclass
+class JudgeOutcome:
+    verdicts: list[Optional[verdict.EntryVerdict]]
+    failure: Optional[str]
+
+
+@dataclass
+class RunState:
+    settings: Settings
+    rootdir: Path
+    worker: bool
+    selected_backends: list[str]
+    benchmark_json: Optional[str] = None
+    benchmark_json_extended: bool = False
+    cache: ModelCache = field(default_factory=ModelCache)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    changes: list[baselines.Change] = field(default_factory=list)
+    _device_keys: dict[str, str] = field(default_factory=dict)
+    _provenance: dict[str, dict] = field(default_factory=dict)
+    _devices: dict[str, dict] = field(default_factory=dict)
+    _files: dict[Path, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        settings: Settings,
+        *,
+        rootdir: Path,
+        worker: bool = False,
+        benchmark_json: Optional[str] = None,
+    ) -> RunState:
+        return cls(
+            settings=settings,
+            rootdir=rootdir,
+            worker=worker,
+            selected_backends=backends.select(settings.backend),
+            benchmark_json=benchmark_json,
+        )
+
+    # -- where things are ----------------------------------------------------------------
+    @property
+    def baselines_root(self) -> Path:
+        value = self.settings.baselines
+        if not value:
+            return self.rootdir / "baselines"
+        path = Path(value)
+        return path if path.is_absolute() else self.rootdir / path
+
+    @property
+    def updating(self) -> bool:
+        return bool(self.settings.update_baselines or self.settings.reset_baselines)
+
+    @property
+    def gating(self) -> bool:
+        return not (self.settings.no_gate or self.updating)
+
+    def describe(self) -> str:
+        mode = "updating baselines" if self.updating else ("gate on" if self.gating else "no gate")
+        tol = self.settings.tolerance.get("*", 0.03)
+        return (
+            f"baselines {self.baselines_root}"
+            + (f" (label {self.settings.label})" if self.settings.label else "")
+            + f"; {mode}; tolerance {tol:.1%}, alpha {self.settings.alpha}; "
+            f"{self.settings.rounds} rounds after {self.settings.warmup} warm-up"
+        )
+
+    def device_key(self, backend: Backend) -> str:
+        if backend.name not in self._device_keys:
+            self._device_keys[backend.name] = baselines.safe_component(backend.device_key())
+            self._devices[backend.name] = backend.device_info() | {
+                "key": self._device_keys[backend.name]
+            }
+        return self._device_keys[backend.name]
+
+    def provenance(self, backend: Backend) -> dict[str, Any]:
+        if backend.name not in self._provenance:
+            self._provenance[backend.name] = provenance.collect(backend, self.rootdir)
+        return self._provenance[backend.name]
+
+    def _file(self, device_key: str, suite: str) -> Optional[baselines.BaselineFile]:
+        path = baselines.baseline_path(self.baselines_root, device_key, suite, self.settings.label)
+        if path not in self._files:
+            try:
+                self._files[path] = baselines.load(path)
+            except baselines.BaselineError as exc:
+                self._files[path] = exc
+        value = self._files[path]
+        if isinstance(value, baselines.BaselineError):
+            raise value
+        return value
+
+    # -- the gate ------------------------------------------------------------------------
+    def gate_settings(
+        self, marker: dict[str, Any], override: Optional[dict[str, Any]]
+    ) -> verdict.GateSettings:
+        tolerance = dict(self.settings.tolerance)
+        tolerance.update(marker.get("tolerance", {}))
+        if override:
+            tolerance.update(override.get("tolerance", {}))
+        default = tolerance.pop("*", 0.03)
+        kwargs: dict[str, Any] = {
+            "tolerance": default,
+            "tolerances": tolerance,
+            "alpha": marker.get("alpha", self.settings.alpha),
+            "limits": marker.get("limits", {}),
+            "check_outputs": bool(self.settings.check_outputs),
+        }
+        if "gate" in marker:
+            kwargs["gate"] = tuple(marker["gate"])
+        return verdict.GateSettings(**kwargs)
+
+    def judge(
+        self,
+        records: list[Record],
+        marker: dict[str, Any],
+        overrides: dict[str, dict[str, Any]],
+    ) -> JudgeOutcome:
+        """Verdicts for one test's records, and the failure message when the gate trips."""
+        verdicts: list[Optional[verdict.EntryVerdict]] = []
+        problems: list[str] = []
+        for record in records:
+            if record.outcome == "error":
+                verdicts.append(None)
+                continue
+            try:
+                base = self._file(record.device_key, record.suite)
+            except baselines.BaselineError as exc:
+                verdicts.append(None)
+                problems.append(f"{record.key}: {exc}")
+                continue
+            runs = base.runs(record.key) if base is not None else []
+            gate = self.gate_settings(marker, overrides.get(record.key))
+            entry = verdict.judge(record, runs, gate)
+            verdicts.append(entry)
+            if not self.gating:
+                continue
+            if entry.failed:
+                problems.append(self._failure_text(record, entry, runs))
+            elif self.settings.strict and entry.worst is verdict.Verdict.NO_BASELINE:
+                path = baselines.baseline_path(
+                    self.baselines_root, record.device_key, record.suite, self.settings.label
+                )
+                problems.append(
+                    f"{record.key}: no baseline in {path} and --llmperf-strict is set; "
+                    "record one with --llmperf-update-baselines"
+                )
+        return JudgeOutcome(verdicts, "\n".join(problems) if problems else None)
+
+    def _failure_text(self, record: Record, entry: verdict.EntryVerdict, runs: list[dict]) -> str:
+        lines = [f"{record.key} on {record.device_key}:"]
+        lines += [f"  {m.verdict.value}: {m.detail}" for m in entry.failures()]
+        if runs:
+            changed = baselines.version_changes(
+                baselines.perf_versions(runs[-1].get("provenance", {})),
+                baselines.perf_versions(record.provenance),
+            )
+            lines.append(
+                "  changed since the baseline: " + (", ".join(changed) if changed else "nothing")
+            )
+        lines.append(
+            "  if the new numbers are right: pytest ... --llmperf-update-baselines "
+            "(or --llmperf-reset-baselines after an upgrade)"
+        )
+        return "\n".join(lines)
+
+    # -- collecting and finishing --------------------------------------------------------
+    def collect(self, nodeid: str, test_outcome: str, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.rows.append({"nodeid": nodeid, "test_outcome": test_outcome, **row})
+            record = row["record"]
+            self._devices.setdefault(record["backend"], {"key": record["device_key"]})
+        if self.settings.report:
+            report.write_results(self.report_dir, self.rows, self.run_info())
+
+    @property
+    def report_dir(self) -> Path:
+        path = Path(self.settings.report)
+        return path if path.is_absolute() else self.rootdir / path
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "settings": {k: v for k, v in self.settings.values.items()},
+            "baselines": str(self.baselines_root),
+            "label": self.settings.label,
+        }
+
+    def finish(self) -> None:
+        if self.updating:
+            self._update_baselines()
+        if self.settings.report:
+            report.write_results(self.report_dir, self.rows, self.run_info())
+            text = report.summary_markdown(self.rows)
+            (self.report_dir / "summary.md").write_text(text)
+            step = os.environ.get("GITHUB_STEP_SUMMARY")
+            if step:
+                with open(step, "a") as f:
+                    f.write(text)
+        if self.benchmark_json and not self.benchmark_json_extended:
+            report.write_benchmark_json(self.benchmark_json, self.benchmark_entries())
+
+    def _update_baselines(self) -> None:
+        groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+        devices: dict[str, dict] = {}
+        for row in self.rows:
+            record = Record.from_json(row["record"])
+            if record.outcome not in ("ok", "oom") or row["test_outcome"] == "skipped":
+                continue
+            groups[(record.device_key, record.suite)].append(record)
+            devices[record.device_key] = self._devices.get(
+                record.backend, {"key": record.device_key, "backend": record.backend}
+            )
+        for (device_key, suite), records in sorted(groups.items()):
+            path = baselines.baseline_path(
+                self.baselines_root, device_key, suite, self.settings.label
+            )
+            try:
+                self.changes += baselines.update(
+                    path,
+                    records,
+                    device=devices[device_key],
+                    suite=suite,
+                    keep_runs=self.settings.baseline_runs,
+                    reset=bool(self.settings.reset_baselines),
+                )
+            except (baselines.BaselineError, OSError) as exc:
+                self.errors.append(f"baselines not updated: {exc}")
+
+    def summary_lines(self, width: int = 120) -> list[str]:
+        lines = report.terminal_table(self.rows, width=width)
+        if self.updating:
+            lines.append("= llmperf baselines")
+            lines += [str(c) for c in self.changes] or ["no baseline changed"]
+        lines += [f"ERROR {e}" for e in self.errors]
+        return lines
+
+    def benchmark_entries(self) -> list[dict[str, Any]]:
+        return report.benchmark_entries(self.rows)
+
+
+def settings_dict(settings: Settings) -> dict[str, Any]:
+    return asdict(settings)

@@ -1,0 +1,713 @@
+"""Pure statistics: judge one measured record against its baseline history.
+
+No pytest, no torch: the plugin calls :func:`judge` when a test ends and prints the
+:class:`EntryVerdict`; ``llmperf baselines diff`` calls :func:`compare_metric` per metric.
+
+Why this rule
+-------------
+Noise on these machines lives *between* runs, not within one. Measured on a tiny BLOOM
+(100 new tokens, 14 separate processes x 10 rounds): the within-process CV is 0.75 %, but the
+process medians scatter with sigma 1.1 % (range 3.9 %). A test on one run's samples alone
+(Mann-Whitney) therefore calls ~20 % of identical-code runs "slower"; a fixed 5 % factor has no
+false alarms but catches only ~50 % of real 5 % slowdowns. A rule that knows the between-run
+spread does better, so a baseline entry keeps the summaries of its last K runs (K = 5 by
+default, ``--llmperf-baseline-runs``) and the rule depends on how many there are.
+
+Baseline entry
+--------------
+A list of runs, oldest first, newest last; each run is a dict::
+
+    {"date": "2026-11-22T03:00:00Z", "outcome": "ok" | "oom",
+     "output_digest": str | None, "output_head": [int, ...] | None, "provenance": {...},
+     "metrics": {name: {"unit": "s", "direction": "lower" | "higher",
+                        "median": float | None, "samples": [float, ...]}}}
+
+The rule, metric by metric
+--------------------------
+"Worse" follows the metric's direction (``metrics.metric(name).lower_is_better``):
+for latency, time and memory a larger value is worse; for ``tokens_per_s`` and
+``roofline_fraction`` a smaller one. Only baseline runs whose outcome is ``ok`` and that have
+a median for the metric count (``runs`` in the verdict); every run given counts (the baselines
+module keeps the last K).
+
+* **center** = median of those runs' medians; ``ratio`` = current / center.
+* **tolerance** = ``GateSettings.tolerance_for(metric)`` (per-metric override or the default 3 %).
+* **>= 2 runs**: spread = between-run CV of the run medians (sample sd / |mean|);
+  ``allowed = max(tolerance, spread_multiple x spread)``. *Regressed* when the current median
+  is worse than the center by more than ``allowed x |center|``; *improved* when better by more
+  than that; otherwise *pass*. The reported p-value is a one-sided prediction test of the
+  current median against the run medians (Student t, df = n - 1,
+  scale = sd x sqrt(1 + 1/n)), in the direction of the observed change. It is
+  **informative only**: the decision is the threshold, because with K = 5 runs the t test's
+  own false-alarm rate would be alpha per comparison, far too many for a CI gate over a suite.
+* **1 run**: *regressed* needs both: worse than the center by more than the tolerance AND a
+  one-sided Mann-Whitney U test (scipy) of the current samples against the run's samples,
+  alternative "worse", with p < alpha. *Improved* is symmetric (alternative "better").
+  When either side has fewer than 2 samples (single readings such as ``peak_memory_bytes``
+  or ``load_time_s``), or the sample counts are too small for the test ever to reach alpha
+  (``1 / C(n + m, n) >= alpha``), the test cannot speak and the tolerance alone decides;
+  the detail says so.
+* **abs_slack**: a change whose absolute size is at most ``abs_slack[metric]`` (in the
+  metric's unit) is never a regression or an improvement. Default: 16 MiB for
+  ``peak_memory_bytes``. On CPU that metric is the RSS *increase* over the rounds; it moves by
+  allocator arenas (glibc keeps freed memory up to its trim threshold, a new arena is 64 MiB
+  of address space, touched lazily), 4 KiB pages and 2 MiB transparent huge pages, and
+  tokenizer or cache buffers that are or are not already resident. For a tiny model the
+  increase is a few MiB, so a meaningless 4 MiB wobble is a +100 % "regression". A zero
+  center never divides: the ratio is then ``None`` and only the absolute change is reported.
+  ``threshold`` = the value beyond which the metric counts as regressed, with both the relative
+  allowance and the slack applied.
+* **0 runs with the metric** (the metric is new, or the runs are all ``oom``): *no-baseline*.
+* **Absolute limits** (``llmperf(max_ms_per_token=50)``, ``min_tokens_per_s=10``, in the
+  metric's unit): a current value beyond a limit is *regressed* and always fails (``gated``
+  is True, ``limit`` names it), with or without a baseline; an outcome of ``oom`` has no
+  metrics, so limits are not checked then. A limit on an unknown metric is a ``ValueError``
+  when the settings are built; a limit on a metric this workload did not measure (outcome
+  ``ok``) is a ``ValueError`` from :func:`judge`/:func:`compare_metric`: a limit that cannot
+  be checked must not pass silently.
+* Metrics not in ``GateSettings.gate`` are still compared and reported, with ``gated=False``:
+  they never fail the test.
+
+The entry: outcome and output
+-----------------------------
+``EntryVerdict.metrics[0]`` is always the outcome (metric ``"outcome"``):
+
+* no baseline runs at all: *no-baseline* (the metric comparisons are skipped; limits still
+  apply). It never fails here; ``--llmperf-strict`` is the plugin's business
+  (``EntryVerdict.worst == Verdict.NO_BASELINE``).
+* newest baseline run ``ok``, now ``oom``: *new-oom*, always gated, fails.
+* newest baseline run ``oom``, now ``ok``: *fixed-oom*, passes (a note); the metrics are then
+  compared with the older ``ok`` runs if there are any, else *no-baseline*.
+* both ``oom``: *pass* on the outcome, no metric comparisons.
+* current outcome ``error`` is never judged: :func:`judge` raises ``ValueError`` (an error
+  fails the test by itself and is never stored).
+
+Output (metric ``"output_digest"``, only when the current record and the newest ``ok``
+baseline run with a digest both have one): equal digests *pass*; different digests are
+*output-changed*, with the first diverging position of the stored token heads (or "beyond the
+first N tokens / in another batch row" when the heads agree). It is gated, and fails, only
+with ``GateSettings.check_outputs``: with random weights near-tie logits can flip on a kernel
+change.
+
+``MetricVerdict.failed`` = gated and verdict in {regressed, new-oom, output-changed}; the
+outcome and limit verdicts are gated by construction, the output verdict is gated exactly when
+``check_outputs`` is set.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from scipy import stats
+
+from .metrics import DEFAULT_GATED, METRICS, metric
+from .results import MetricValue, Record
+
+__all__ = [
+    "EntryVerdict",
+    "GateSettings",
+    "MetricVerdict",
+    "Verdict",
+    "between_run_spread",
+    "compare_metric",
+    "first_divergence",
+    "format_value",
+    "judge",
+]
+
+
+class Verdict(str, Enum):
+    PASS = "pass"
+    REGRESSED = "regressed"
+    IMPROVED = "improved"
+    NO_BASELINE = "no-baseline"
+    NEW_OOM = "new-oom"
+    FIXED_OOM = "fixed-oom"
+    OUTPUT_CHANGED = "output-changed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_FAILING = frozenset({Verdict.REGRESSED, Verdict.NEW_OOM, Verdict.OUTPUT_CHANGED})
+
+# Names that may appear in a gate list besides the metrics: the outcome is always gated anyway.
+_GATE_EXTRA = ("outcome",)
+
+
+def _check_fraction(source: str, value: Any, *, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{source}={value!r}: expected a number")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (upper is not None and v >= upper):
+        allowed = f"0 <= value < {upper:g}" if upper is not None else "a finite value >= 0"
+        raise ValueError(f"{source}={value!r}: expected {allowed}")
+    return v
+
+
+def _known_metric(source: str, name: str) -> None:
+    if name not in METRICS:
+        raise ValueError(f"{source}: unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
+
+
+def _split_limit(key: str) -> tuple[str, str]:
+    """``"max_ms_per_token"`` -> ``("max", "ms_per_token")``; ValueError when malformed."""
+    kind, sep, name = key.partition("_")
+    if not sep or kind not in ("max", "min"):
+        raise ValueError(
+            f"limit {key!r}: expected max_<metric> or min_<metric>, "
+            f"e.g. max_ms_per_token or min_tokens_per_s"
+        )
+    _known_metric(f"limit {key!r}", name)
+    return kind, name
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How strictly a record is judged. Built once per test from call > marker > CLI > ini.
+
+    All fractions are relative (0.03 = 3 %). ``limits`` and ``abs_slack`` are in the metric's
+    own unit (``max_ms_per_token=50`` is 50 ms; ``abs_slack["peak_memory_bytes"]`` is bytes).
+    Invalid values raise ``ValueError`` naming the field and value; the caller adds the source.
+    """
+
+    tolerance: float = 0.03
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    alpha: float = 0.01
+    spread_multiple: float = 2.0
+    gate: tuple[str, ...] = DEFAULT_GATED
+    limits: Mapping[str, float] = field(default_factory=dict)
+    check_outputs: bool = False
+    # Why 16 MiB: see the module docstring (allocator arenas, pages, THP on CPU RSS).
+    abs_slack: Mapping[str, float] = field(
+        default_factory=lambda: {"peak_memory_bytes": 16 * 2**20}
+    )
+
+    def __post_init__(self) -> None:
+        _check_fraction("tolerance", self.tolerance)
+        tolerances = {}
+        for name, value in dict(self.tolerances).items():
+            _known_metric("tolerances", name)
+            tolerances[name] = _check_fraction(f"tolerance for {name}", value)
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+            raise ValueError(f"alpha={alpha!r}: expected a number with 0 < alpha < 1")
+        _check_fraction("spread_multiple", self.spread_multiple)
+        if isinstance(self.gate, str):
+            raise ValueError(f"gate={self.gate!r}: expected a list of metric names")
+        gate = tuple(self.gate)
+        for name in gate:
+            if name not in _GATE_EXTRA:
+                _known_metric("gate", name)
+        limits = {}
+        for key, value in dict(self.limits).items():
+            _split_limit(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"limit {key}={value!r}: expected a number")
+            if not math.isfinite(value):
+                raise ValueError(f"limit {key}={value!r}: expected a finite number")
+            limits[key] = float(value)
+        slack = {}
+        for name, value in dict(self.abs_slack).items():
+            _known_metric("abs_slack", name)
+            slack[name] = _check_fraction(f"abs_slack for {name}", value)
+        object.__setattr__(self, "tolerance", float(self.tolerance))
+        object.__setattr__(self, "alpha", float(alpha))
+        object.__setattr__(self, "spread_multiple", float(self.spread_multiple))
+        object.__setattr__(self, "tolerances", MappingProxyType(tolerances))
+        object.__setattr__(self, "gate", gate)
+        object.__setattr__(self, "limits", MappingProxyType(limits))
+        object.__setattr__(self, "abs_slack", MappingProxyType(slack))
+        object.__setattr__(self, "check_outputs", bool(self.check_outputs))
+
+    def tolerance_for(self, metric: str) -> float:
+        """The allowed worsening for ``metric``: its override, else the default tolerance."""
+        return self.tolerances.get(metric, self.tolerance)
+
+    def limits_for(self, metric: str) -> list[tuple[str, float]]:
+        """``[("max", 50.0), ...]``: the absolute limits set on ``metric``."""
+        return [
+            (kind, self.limits[f"{kind}_{metric}"])
+            for kind in ("max", "min")
+            if f"{kind}_{metric}" in self.limits
+        ]
+
+
+@dataclass
+class MetricVerdict:
+    """The verdict on one metric (or on the outcome / output) of one entry."""
+
+    metric: str
+    verdict: Verdict
+    gated: bool
+    baseline: float | None  # center: median of the baseline runs' medians
+    current: float | None
+    ratio: float | None  # current / baseline; None when either is missing or baseline is 0
+    threshold: float | None  # the value beyond which it counts as regressed
+    p_value: float | None  # one-sided, in the direction of the observed change
+    tolerance: float  # the configured tolerance for this metric
+    runs: int  # baseline runs that have this metric (ok outcome, a median)
+    spread: float | None  # between-run CV of the baseline runs' medians (>= 2 runs)
+    detail: str  # one human line, with units
+    allowed: float | None = None  # the effective allowed fraction (tolerance or k x spread)
+    limit: str | None = None  # "max_ms_per_token=50" when an absolute limit was violated
+
+    @property
+    def failed(self) -> bool:
+        return self.gated and self.verdict in _FAILING
+
+
+# For a one-word summary: failures first by severity, then the most notable passing verdict.
+_FAILED_RANK = (Verdict.NEW_OOM, Verdict.REGRESSED, Verdict.OUTPUT_CHANGED)
+_PASSING_RANK = (
+    Verdict.FIXED_OOM,
+    Verdict.NO_BASELINE,
+    Verdict.REGRESSED,  # not gated: reported, not failing
+    Verdict.OUTPUT_CHANGED,  # without check_outputs
+    Verdict.IMPROVED,
+    Verdict.PASS,
+)
+
+
+@dataclass
+class EntryVerdict:
+    """All verdicts of one entry (one workload of one test on one backend).
+
+    ``metrics[0]`` is the outcome verdict; then the output verdict (when both sides have a
+    digest); then one verdict per measured metric, in the record's order.
+    """
+
+    key: str
+    metrics: list[MetricVerdict]
+
+    @property
+    def failed(self) -> bool:
+        return any(m.failed for m in self.metrics)
+
+    def failures(self) -> list[MetricVerdict]:
+        return [m for m in self.metrics if m.failed]
+
+    @property
+    def worst(self) -> Verdict:
+        """One word for the entry: the most severe failure, else the most notable verdict
+        (fixed-oom > no-baseline > ungated regressed > unchecked output-changed > improved >
+        pass). A passing entry can thus read "regressed": check ``failed`` for red/green."""
+        failed = {m.verdict for m in self.failures()}
+        for v in _FAILED_RANK:
+            if v in failed:
+                return v
+        present = {m.verdict for m in self.metrics}
+        for v in _PASSING_RANK:
+            if v in present:
+                return v
+        return Verdict.PASS
+
+    def get(self, metric: str) -> MetricVerdict | None:
+        """The verdict on ``metric`` (or "outcome" / "output_digest"), if there is one."""
+        for m in self.metrics:
+            if m.metric == metric:
+                return m
+        return None
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(v: float) -> str:
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1e4:
+        return f"{v:.0f}"
+    return f"{v:.4g}"
+
+
+def format_value(value: float | None, unit: str) -> str:
+    """A number with its unit: 4 significant digits; bytes as B/KiB/MiB/GiB."""
+    if value is None:
+        return "n/a"
+    if unit == "B":
+        a = abs(value)
+        for size, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if a >= size:
+                return f"{value / size:.{2 if name == 'GiB' else 1}f} {name}"
+        return f"{value:.0f} B"
+    if unit == "1":
+        return _num(value)
+    return f"{_num(value)} {unit}"
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}"
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def between_run_spread(medians: Sequence[float]) -> float | None:
+    """Coefficient of variation (sample sd / |mean|) of run medians; None for < 2 runs or a
+    zero mean."""
+    values = [float(v) for v in medians]
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    if mean == 0:
+        return None
+    return statistics.stdev(values) / abs(mean)
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first position where ``a`` and ``b`` differ; when one is a prefix of the
+    other, the length of the shorter one; None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    if len(a) != len(b):
+        return min(len(a), len(b))
+    return None
+
+
+def _prediction_p(current: float, medians: Sequence[float], worse_is_greater: bool) -> float | None:
+    """One-sided p of ``current`` under a t predictive distribution fitted to ``medians``."""
+    n = len(medians)
+    sd = statistics.stdev(medians)
+    if sd == 0:
+        return None
+    t = (current - statistics.fmean(medians)) / (sd * math.sqrt(1 + 1 / n))
+    return float(stats.t.sf(t, n - 1) if worse_is_greater else stats.t.cdf(t, n - 1))
+
+
+def _mwu_p(current: Sequence[float], base: Sequence[float], greater: bool) -> float:
+    res = stats.mannwhitneyu(
+        list(current), list(base), alternative="greater" if greater else "less"
+    )
+    return float(res.pvalue)
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _base_values(name: str, runs: Sequence[Mapping[str, Any]]) -> list[tuple[float, list[float]]]:
+    out = []
+    for run in runs:
+        if run.get("outcome") != "ok":
+            continue
+        m = (run.get("metrics") or {}).get(name)
+        if not m or m.get("median") is None:
+            continue
+        out.append((float(m["median"]), [float(s) for s in m.get("samples") or []]))
+    return out
+
+
+def _apply_limits(mv: MetricVerdict, current: float | None, settings: GateSettings) -> None:
+    name = mv.metric
+    unit = metric(name).unit
+    for kind, lim in settings.limits_for(name):
+        key = f"{kind}_{name}={lim:g}"
+        if current is None:
+            raise ValueError(
+                f"limit {key} cannot be checked: this workload has no value for {name}"
+            )
+        violated = current > lim if kind == "max" else current < lim
+        if violated:
+            word = "above" if kind == "max" else "below"
+            head = f"{name} {format_value(current, unit)} {word} the absolute limit {key}"
+            mv.detail = head if mv.verdict is Verdict.NO_BASELINE else f"{head}; {mv.detail}"
+            mv.verdict = Verdict.REGRESSED
+            mv.gated = True
+            mv.limit = key
+            if mv.threshold is None:
+                mv.threshold = lim
+        else:
+            mv.detail += f"; within the absolute limit {key}"
+
+
+def compare_metric(
+    name: str,
+    current: MetricValue,
+    baseline_runs: Sequence[Mapping[str, Any]],
+    settings: GateSettings,
+) -> MetricVerdict:
+    """Judge one metric's current value against the baseline runs (see the module docstring).
+
+    ``baseline_runs`` may hold runs of any outcome; only ``ok`` runs with a median count.
+    Absolute limits in ``settings`` for this metric are applied too.
+    """
+    info = metric(name)
+    unit = info.unit
+    lower = info.lower_is_better
+    tol = settings.tolerance_for(name)
+    gated = name in settings.gate
+    slack = settings.abs_slack.get(name, 0.0)
+    cur = current.value
+    if cur is not None:
+        cur = float(cur)
+        if math.isnan(cur):
+            raise ValueError(f"{name}: the current value is NaN")
+    base = _base_values(name, baseline_runs)
+    n = len(base)
+
+    def verdict(v: Verdict, detail: str, **kw: Any) -> MetricVerdict:
+        fields: dict[str, Any] = dict(
+            baseline=None, ratio=None, threshold=None, p_value=None, spread=None
+        )
+        fields.update(kw)
+        return MetricVerdict(
+            metric=name,
+            verdict=v,
+            gated=gated,
+            current=cur,
+            tolerance=tol,
+            runs=n,
+            detail=detail,
+            **fields,
+        )
+
+    if cur is None:
+        mv = verdict(Verdict.PASS, f"{name}: no value in this run (not judged)")
+        _apply_limits(mv, cur, settings)
+        return mv
+    if n == 0:
+        have = sum(1 for r in baseline_runs if r.get("outcome") == "ok")
+        mv = verdict(
+            Verdict.NO_BASELINE,
+            f"{name} {format_value(cur, unit)}: no baseline for this metric "
+            f"({have} ok baseline run{'s' if have != 1 else ''}, none with {name})",
+        )
+        _apply_limits(mv, cur, settings)
+        return mv
+
+    medians = [m for m, _ in base]
+    center = statistics.median(medians)
+    ratio = cur / center if center != 0 else None
+    spread = between_run_spread(medians) if n >= 2 else None
+    allowed = tol
+    if spread is not None:
+        allowed = max(tol, settings.spread_multiple * spread)
+    margin = max(allowed * abs(center), slack)
+    # Signed change in the "worse" direction: > 0 means worse.
+    worse_by = (cur - center) if lower else (center - cur)
+    threshold = center + margin if lower else center - margin
+    beyond = abs(cur - center) > margin
+
+    # p-value, one-sided in the direction of the observed change.
+    worse_dir = worse_by > 0
+    greater = worse_dir if lower else not worse_dir  # does the current lie above the center?
+    p: float | None = None
+    notes: list[str] = []
+    significant = True
+    if n >= 2:
+        p = _prediction_p(cur, medians, worse_is_greater=greater)
+        p_text = f", p={_p(p)}" if p is not None else ""
+    else:
+        cur_samples = list(current.samples)
+        base_samples = base[0][1]
+        nc, nb = len(cur_samples), len(base_samples)
+        if nc < 2 or nb < 2:
+            p_text = ""
+            if beyond:
+                notes.append("no samples to test, the tolerance decides")
+        elif 1 / math.comb(nc + nb, nc) >= settings.alpha:
+            p_text = ""
+            if beyond:
+                notes.append(
+                    f"too few samples ({nc} vs {nb}) for Mann-Whitney to reach "
+                    f"alpha={settings.alpha:g}, the tolerance decides"
+                )
+        else:
+            p = _mwu_p(cur_samples, base_samples, greater=greater)
+            p_text = f", Mann-Whitney p={_p(p)}"
+            significant = p < settings.alpha
+            if beyond and not significant:
+                notes.append(f"not significant at alpha={settings.alpha:g}")
+
+    if beyond and significant:
+        v = Verdict.REGRESSED if worse_dir else Verdict.IMPROVED
+    else:
+        v = Verdict.PASS
+    if slack and abs(cur - center) <= slack and allowed * abs(center) < abs(cur - center):
+        notes.append(f"within the {format_value(slack, unit)} absolute slack")
+
+    # The human line.
+    if ratio is not None:
+        change = f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
+    else:
+        delta = cur - center
+        change = f"{'+' if delta >= 0 else '-'}{format_value(abs(delta), unit)} from zero"
+    if n >= 2:
+        cv = "n/a" if spread is None else _pct(spread)
+        if spread is not None and settings.spread_multiple * spread > tol:
+            why = (
+                f"{settings.spread_multiple:g} × between-run CV {cv} over {n} runs; "
+                f"tolerance {_pct(tol)}"
+            )
+        else:
+            why = f"tolerance; between-run CV {cv} over {n} runs"
+    else:
+        why = "tolerance; 1 baseline run"
+    if slack:
+        why += f"; changes up to {format_value(slack, unit)} ignored"
+    sign = "+" if lower else "-"
+    detail = (
+        f"{name} {format_value(center, unit)} → {format_value(cur, unit)} ({change}), "
+        f"allowed {sign}{_pct(allowed)} ({why}){p_text}"
+    )
+    if notes:
+        detail += "; " + "; ".join(notes)
+
+    mv = verdict(
+        v,
+        detail,
+        baseline=center,
+        ratio=ratio,
+        threshold=threshold,
+        p_value=p,
+        spread=spread,
+        allowed=allowed,
+    )
+    _apply_limits(mv, cur, settings)
+    return mv
+
+
+def _outcome_verdict(v: Verdict, detail: str, runs: int) -> MetricVerdict:
+    return MetricVerdict(
+        metric="outcome",
+        verdict=v,
+        gated=True,
+        baseline=None,
+        current=None,
+        ratio=None,
+        threshold=None,
+        p_value=None,
+        tolerance=0.0,
+        runs=runs,
+        spread=None,
+        detail=detail,
+    )
+
+
+def _output_verdict(
+    record: Record, runs: Sequence[Mapping[str, Any]], settings: GateSettings
+) -> MetricVerdict | None:
+    if not record.output_digest:
+        return None
+    ref = next(
+        (r for r in reversed(runs) if r.get("outcome") == "ok" and r.get("output_digest")),
+        None,
+    )
+    if ref is None:
+        return None
+
+    def mv(v: Verdict, detail: str) -> MetricVerdict:
+        return MetricVerdict(
+            metric="output_digest",
+            verdict=v,
+            gated=settings.check_outputs,
+            baseline=None,
+            current=None,
+            ratio=None,
+            threshold=None,
+            p_value=None,
+            tolerance=0.0,
+            runs=len(runs),
+            spread=None,
+            detail=detail,
+        )
+
+    if ref["output_digest"] == record.output_digest:
+        return mv(Verdict.PASS, "output identical to the baseline (same digest)")
+    head_now, head_base = record.output_head, ref.get("output_head")
+    suffix = "" if settings.check_outputs else " (not gated: --llmperf-check-outputs is off)"
+    if head_now is None or head_base is None:
+        where = "no token heads stored to locate the change"
+    else:
+        pos = first_divergence(head_base, head_now)
+        if pos is None:
+            where = (
+                f"the first {len(head_now)} tokens agree: it differs beyond them "
+                f"or in another batch row"
+            )
+        else:
+            b = head_base[pos] if pos < len(head_base) else "end"
+            c = head_now[pos] if pos < len(head_now) else "end"
+            where = f"first diverging token at position {pos} (baseline {b}, now {c})"
+    return mv(Verdict.OUTPUT_CHANGED, f"output changed: {where}{suffix}")
+
+
+def judge(
+    record: Record,
+    baseline_runs: Sequence[Mapping[str, Any]] | None,
+    settings: GateSettings,
+) -> EntryVerdict:
+    """Judge one record against its baseline entry (oldest run first). See the module
+    docstring for the rule. Raises ``ValueError`` for an ``error`` outcome (never judged), an
+    unknown outcome, or a limit on a metric this ``ok`` record did not measure."""
+    outcome = record.outcome
+    if outcome == "error":
+        raise ValueError(
+            f"{record.key}: outcome 'error' is never judged; the error fails the test itself"
+        )
+    if outcome not in ("ok", "oom"):
+        raise ValueError(f"{record.key}: unknown outcome {outcome!r}; expected ok, oom or error")
+    runs = list(baseline_runs or [])
+    for run in runs:
+        if run.get("outcome") not in ("ok", "oom"):
+            raise ValueError(
+                f"{record.key}: baseline run {run.get('date', '?')} has outcome "
+                f"{run.get('outcome')!r}; only ok and oom are stored"
+            )
+    n = len(runs)
+    out: list[MetricVerdict] = []
+    compare = outcome == "ok"
+
+    if not runs:
+        out.append(
+            _outcome_verdict(
+                Verdict.NO_BASELINE,
+                f"no baseline for this entry on this hardware (outcome now {outcome})",
+                0,
+            )
+        )
+        compare = False
+    else:
+        newest = runs[-1]
+        base_outcome = newest["outcome"]
+        when = newest.get("date", "?")
+        desc = f"newest of {n} baseline run{'s' if n != 1 else ''}, {when}"
+        if base_outcome == "ok" and outcome == "oom":
+            v, detail = Verdict.NEW_OOM, f"out of memory now; the baseline was ok ({desc})"
+        elif base_outcome == "oom" and outcome == "ok":
+            v, detail = Verdict.FIXED_OOM, f"runs now; the baseline was out of memory ({desc})"
+        elif outcome == "oom":
+            v, detail = Verdict.PASS, f"out of memory, as in the baseline ({desc})"
+        else:
+            v, detail = Verdict.PASS, f"ok, as in the baseline ({desc})"
+        out.append(_outcome_verdict(v, detail, n))
+        if outcome == "ok":
+            ov = _output_verdict(record, runs, settings)
+            if ov is not None:
+                out.append(ov)
+
+    if outcome == "ok":
+        for name, value in record.metrics.items():
+            if compare:
+                out.append(compare_metric(name, value, runs, settings))
+            elif settings.limits_for(name):
+                out.append(compare_metric(name, value, [], settings))
+        missing = [key for key in settings.limits if _split_limit(key)[1] not in record.metrics]
+        if missing:
+            raise ValueError(
+                f"{record.key}: limit {', '.join(sorted(missing))} cannot be checked: this "
+                f"workload measured only {', '.join(record.metrics) or 'nothing'}"
+            )
+    return EntryVerdict(key=record.key, metrics=out)

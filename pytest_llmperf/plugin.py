@@ -70,14 +70,14 @@ def pytest_configure(config: pytest.Config) -> None:
         worker=hasattr(config, "workerinput"),
         benchmark_json=_benchmark_json_path(config),
     )
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_Collector(config), "llmperf-collector")
 
 
 def _benchmark_json_path(config: pytest.Config) -> Optional[str]:
-    value = (
-        config.getoption("benchmark_json", None)
-        if config.pluginmanager.hasplugin("pytest_benchmark")
-        else None
-    )
+    if not config.pluginmanager.hasplugin("benchmark"):
+        return None
+    value = config.getoption("benchmark_json", None)
     return getattr(value, "name", value) if value else None
 
 
@@ -326,28 +326,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     return report
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    rows = getattr(report, "llmperf", None)
-    if rows:
-        _CONTROLLER.collect(report, rows)
+class _Collector:
+    """Gathers records from test reports in the process that owns the session.
 
+    Registered per config (not a module global) so nested pytester sessions stay apart; on an
+    xdist controller the reports arrive from the workers with the records attached.
+    """
 
-class _Controller:
-    """Routes reports to the run state of the process that owns the session."""
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
 
-    config: Optional[pytest.Config] = None
-
-    def collect(self, report: pytest.TestReport, rows: list) -> None:
-        if self.config is not None:
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        rows = getattr(report, "llmperf", None)
+        if rows:
             _state(self.config).collect(report.nodeid, report.outcome, rows)
-
-
-_CONTROLLER = _Controller()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONTROLLER.config = session.config if not hasattr(session.config, "workerinput") else None
 
 
 @pytest.hookimpl(trylast=True)

@@ -150,7 +150,14 @@ def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     for row in rows:
         v = row.get("verdict") or {}
         for m in v.get("metrics", []):
-            if m["verdict"] in ("regressed", "improved", "new-oom", "fixed-oom", "output-changed"):
+            shown = m["gated"] or m["metric"] in ("outcome", "output_digest")
+            if shown and m["verdict"] in (
+                "regressed",
+                "improved",
+                "new-oom",
+                "fixed-oom",
+                "output-changed",
+            ):
                 stale = (
                     " (baseline is stale, consider updating)" if m["verdict"] == "improved" else ""
                 )

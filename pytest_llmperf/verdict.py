@@ -295,14 +295,21 @@ class EntryVerdict:
 
     @property
     def worst(self) -> Verdict:
-        """One word for the entry: the most severe failure, else the most notable verdict
-        (fixed-oom > no-baseline > ungated regressed > unchecked output-changed > improved >
-        pass). A passing entry can thus read "regressed": check ``failed`` for red/green."""
+        """One word for the entry: the most severe failure, else the most notable verdict of
+        the outcome, the output and the gated metrics (fixed-oom > no-baseline > ungated
+        regressed > unchecked output-changed > improved > pass). A passing entry can thus read
+        "regressed" (a gated metric whose limit test did not trip, e.g. within abs_slack is not
+        regressed; one that is reported but not gated never shows here): check ``failed`` for
+        red/green."""
         failed = {m.verdict for m in self.failures()}
         for v in _FAILED_RANK:
             if v in failed:
                 return v
-        present = {m.verdict for m in self.metrics}
+        # Ungated metrics (warm-up, load time) move a lot and are only reported; they do not
+        # get to call a passing entry "improved" or "regressed".
+        present = {
+            m.verdict for m in self.metrics if m.gated or m.metric in ("outcome", "output_digest")
+        }
         for v in _PASSING_RANK:
             if v in present:
                 return v

@@ -287,6 +287,11 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         pytest.fail(str(exc), pytrace=False)
     except SkipWorkload as exc:
         pytest.skip(str(exc))
+    except Exception as exc:
+        handle = item.stash.get(HANDLE, None)
+        if handle is not None:
+            handle.record_error(exc)
+        raise
     handle = item.stash.get(HANDLE, None)
     if handle is None:
         return result

@@ -279,6 +279,20 @@ class LLMPerf:
         self._fill(record, timing, tokens=batch_size * tokens if tokens else None, main="time_s")
         return self._finish(record)
 
+    def record_error(self, exc: BaseException) -> None:
+        """Report a workload that crashed as outcome ``error`` (never gated, never stored).
+
+        Only when nothing was measured: a test whose own assertion fails after a good
+        measurement keeps its measured record.
+        """
+        if self.records:
+            return
+        record = self._new_record(None, {}, None)
+        record.outcome = "error"
+        text = str(exc).strip().splitlines()
+        record.note = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+        self._finish(record)
+
     # -- internals -----------------------------------------------------------------------
     def _rounds(self, rounds: Optional[int], warmup: Optional[int]) -> tuple[int, int]:
         if rounds is not None and (not isinstance(rounds, int) or rounds < 5):

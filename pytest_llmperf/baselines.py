@@ -207,12 +207,19 @@ def dumps(data: Mapping[str, Any]) -> str:
     trailing newline. NaN and infinity raise ``ValueError``: they are not JSON, and a baseline
     that holds one gates nothing.
     """
-    return (
-        json.dumps(
-            _round_floats(data), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False
-        )
-        + "\n"
+    text = json.dumps(
+        _round_floats(data), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False
     )
+    return _NUMBER_LIST.sub(_one_line, text) + "\n"
+
+
+# A list of plain numbers (samples, token ids) spread one per line would make every update a
+# diff of hundreds of lines; on one line, a reviewer sees one changed line per metric.
+_NUMBER_LIST = re.compile(r"\[\s*(-?[0-9][-0-9.eE+]*(?:\s*,\s*-?[0-9][-0-9.eE+]*)*)\s*\]")
+
+
+def _one_line(match: re.Match[str]) -> str:
+    return "[" + ", ".join(part.strip() for part in match.group(1).split(",")) + "]"
 
 
 # ---------------------------------------------------------------------------------------------

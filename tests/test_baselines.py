@@ -134,8 +134,8 @@ def test_file_bytes_are_deterministic(tmp_path: Path) -> None:
 def test_dumps_rules() -> None:
     text = bl.dumps({"b": [1.23456789, 2, -0.0, 1e-9 / 3], "a": {"name": "Gaudí"}, "c": True})
     assert text == (
-        '{\n  "a": {\n    "name": "Gaudí"\n  },\n  "b": [\n    1.23457,\n    2,\n    0.0,\n'
-        '    3.33333e-10\n  ],\n  "c": true\n}\n'
+        '{\n  "a": {\n    "name": "Gaudí"\n  },\n  "b": [1.23457, 2, 0.0, 3.33333e-10],\n'
+        '  "c": true\n}\n'
     )
     with pytest.raises(ValueError, match="non-finite"):
         bl.dumps({"x": float("nan")})

@@ -32,7 +32,9 @@ module keeps the last K).
 
 * **center** = median of those runs' medians; ``ratio`` = current / center.
 * **tolerance** = ``GateSettings.tolerance_for(metric)`` (per-metric override or the default 3 %).
-* **>= 2 runs**: spread = between-run CV of the run medians (sample sd / |mean|);
+* **>= 2 runs**: spread = robust between-run CV of the run medians (1.4826 x MAD / median
+  from 3 runs on, sample sd / median for 2), so one run recorded on a busy machine does not
+  widen the allowance and switch the gate off until it ages out;
   ``allowed = max(tolerance, spread_multiple x spread)``. *Regressed* when the current median
   is worse than the center by more than ``allowed x |center|``; *improved* when better by more
   than that; otherwise *pass*. The reported p-value is a one-sided prediction test of the
@@ -40,7 +42,8 @@ module keeps the last K).
   scale = sd x sqrt(1 + 1/n)), in the direction of the observed change. It is
   **informative only**: the decision is the threshold, because with K = 5 runs the t test's
   own false-alarm rate would be alpha per comparison, far too many for a CI gate over a suite.
-* **1 run**: *regressed* needs both: worse than the center by more than the tolerance AND a
+* **1 run** (right after an upgrade restarted the history, or a single update): *regressed*
+  needs both: worse than the center by more than the tolerance AND a
   one-sided Mann-Whitney U test (scipy) of the current samples against the run's samples,
   alternative "worse", with p < alpha. *Improved* is symmetric (alternative "better").
   When either side has fewer than 2 samples (single readings such as ``peak_memory_bytes``
@@ -362,15 +365,22 @@ def _p(p: float) -> str:
 
 
 def between_run_spread(medians: Sequence[float]) -> float | None:
-    """Coefficient of variation (sample sd / |mean|) of run medians; None for < 2 runs or a
-    zero mean."""
+    """Robust coefficient of variation of run medians; None for < 2 runs or a zero center.
+
+    1.4826 × MAD / median (the normal-consistent MAD) from 3 runs on, the sample sd of the
+    two for 2 runs. Robust on purpose: one baseline run recorded on a contended machine must
+    not widen the allowance (2 × spread) and so switch the gate off until it ages out.
+    """
     values = [float(v) for v in medians]
     if len(values) < 2:
         return None
-    mean = statistics.fmean(values)
-    if mean == 0:
+    center = statistics.median(values)
+    if center == 0:
         return None
-    return statistics.stdev(values) / abs(mean)
+    if len(values) == 2:
+        return statistics.stdev(values) / abs(center)
+    mad = statistics.median(abs(v - center) for v in values)
+    return 1.4826 * mad / abs(center)
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:

@@ -7,6 +7,7 @@ tests with a fake backend and a fake clock. The plugin binds one handle per test
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -347,14 +348,32 @@ class LLMPerf:
             None if timing.peak_memory_bytes is None else float(timing.peak_memory_bytes),
         )
         record.workload["rounds"] = len(timing.e2e)
-        if timing.notes:
-            record.note = "; ".join(timing.notes)
+        busy = busy_note()
+        notes = timing.notes + ([busy] if busy else [])
+        if notes:
+            record.note = "; ".join(notes)
 
     def _finish(self, record: Record) -> Record:
         self.records.append(record)
         if self._on_record is not None:
             self._on_record(record)
         return record
+
+
+def busy_note() -> Optional[str]:
+    """A note when other processes competed for the CPU during the rounds.
+
+    On a shared box descheduled torch threads make a tiny model 10x slower; a verdict on
+    such numbers should be read with that in mind. Our own threads add up to one CPU count.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cpus = os.cpu_count() or 1
+    if load > cpus * 1.25 + 0.5:
+        return f"machine busy: load average {load:.1f} on {cpus} CPUs during the rounds"
+    return None
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -30,12 +30,23 @@ PUBLIC_PARAMS = {
 
 @pytest.fixture
 def empty_hf_cache(tmp_path, monkeypatch):
-    """An empty HF cache, so a developer's own downloads cannot turn seeded builds into real ones."""
+    """An empty HF cache: a developer's own downloads must not turn seeded builds into real ones."""
     constants = pytest.importorskip("huggingface_hub.constants")
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """Generation tests run on one intra-op thread: on a shared CI host, OpenMP's spinning
+    barriers turn a 0.15 s tiny-bloom generate into tens of seconds when the cores are busy."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _state(model):
@@ -195,18 +206,25 @@ def test_memory_estimate_kv_cache_follows_grouped_query_attention():
     assert kv_growth(10) == 10 * (per_token_kv + per_token_scores)
 
 
-def test_memory_estimate_reproduces_the_published_oom_boundary_roughly():
-    # ds-inference fp16 on 8x80GB ran bloom-176b at bs=256 and went OOM at bs=512 (100 new tokens).
+def test_memory_estimate_does_not_rule_out_published_runs():
+    """The seed posts ran bloom-176b on 8x80GB with 100 new tokens at these batch sizes; a
+    pre-check that called them OOM would hide real measurements."""
     spec = models.get("bloom-176b")
     node = 8 * 80e9
-    assert models.estimate_generation_bytes(spec, "fp16", 256, 7, 100) < node
-    assert models.estimate_generation_bytes(spec, "fp16", 512, 7, 100) > 0.9 * node
+    for dtype, batch_size in (("bf16", 32), ("fp16", 256), ("int8", 256)):
+        assert models.estimate_generation_bytes(spec, dtype, batch_size, 7, 100) < node
+    # ...while a batch whose KV cache alone outgrows the node is ruled out.
+    assert models.estimate_generation_bytes(spec, "fp16", 2048, 7, 100) > node
 
 
 def test_dtype_names():
     torch = pytest.importorskip("torch")
     assert models.torch_dtype("bf16") is torch.bfloat16
-    assert dict(models.DTYPES) == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    assert dict(models.DTYPES) == {
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+    }
     with pytest.raises(ValueError, match="quantized format"):
         models.torch_dtype("int8")
     with pytest.raises(ValueError, match="unknown dtype 'float16'; known: fp32, fp16, bf16"):
@@ -242,7 +260,7 @@ def test_tied_embeddings_stay_one_tensor():
 
 
 @pytest.mark.parametrize("model_id", TINY)
-def test_same_seed_same_weights_same_greedy_output(model_id):
+def test_same_seed_same_weights_same_greedy_output(model_id, one_thread):
     import torch
 
     spec = models.get(model_id)
@@ -269,12 +287,70 @@ def test_one_seed_is_one_model_in_every_dtype():
             assert torch.equal(weight.to(torch.bfloat16), b[name]), name
 
 
+# Seeded weights and offline token ids feed the output digests stored in baselines, so they must
+# not drift across machines or library versions. These were identical on transformers 4.55.4 /
+# tokenizers 0.21.4 and 5.23.0 / 0.23.3. A failure means every stored digest of a seeded model
+# changes: change these deliberately (and say so in the changelog), never silently.
+GOLDEN_WEIGHTS = {
+    "tiny-bloom": "43d12675b7023eb57814c5c5e5a1923396210680301a19366ad01fae88fd406c",
+    "tiny-llama": "a375ba225e500655bbe90a737d1974a910aa4bd2a165dedbb8465bbbf02d4a72",
+    "tiny-gpt2": "e814ef4ae24a9e62fd04eeec1e4e4c879ed1f5222ff1b8074e8ab522ab17a4e6",
+}
+GOLDEN_CORPUS_IDS = {
+    "tiny-bloom": "cd361bb2ca7201aa6168c897fc207db6da90d910ab7c9d4ae75f20e9c10d275f",  # 1024 vocab
+    "bloom-560m": "aa597afa90e5eac4e755a9be6e6a9ac5454b6bab9a6cd566da99b88f0c1cc52f",  # 4096 cap
+}
+
+
+@pytest.mark.parametrize("model_id", sorted(GOLDEN_WEIGHTS))
+def test_seeded_weights_are_stable_across_versions(model_id):
+    model, _ = models.build_model(models.get(model_id), "fp32", seed=0)
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == GOLDEN_WEIGHTS[model_id]
+
+
+@pytest.mark.parametrize("model_id", sorted(GOLDEN_CORPUS_IDS))
+def test_offline_token_ids_are_stable_across_versions(model_id, empty_hf_cache):
+    tokenizer, _ = models.build_tokenizer(models.get(model_id))
+    ids = tokenizer(tokenizer_mod.corpus_text())["input_ids"]
+    assert hashlib.sha256(str(ids).encode()).hexdigest() == GOLDEN_CORPUS_IDS[model_id]
+
+
+def test_seeded_weights_do_not_depend_on_threads_or_staging(monkeypatch):
+    """Chunked per-chunk generators make the weights independent of the thread count and of the
+    CPU staging slabs used for accelerators, so one seed is one model on every backend."""
+    import torch
+
+    from pytest_llmperf.models import weights
+
+    monkeypatch.setattr(weights, "_CHUNK", 1000)  # many chunks even in a tiny tensor
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = torch.empty(10_000)
+        weights._fill_uniform(serial, 0, "w", 5, 0.1)
+        torch.set_num_threads(max(before, 2))
+        threaded = torch.empty(10_000)
+        weights._fill_uniform(threaded, 0, "w", 5, 0.1)
+    finally:
+        torch.set_num_threads(before)
+    staged = torch.empty(10_000)
+    for start in range(0, 10_000, 3000):  # slabs are whole chunks, as _SLAB is
+        weights._fill_uniform(staged[start : start + 3000], start, "w", 5, 0.1)
+    assert torch.equal(serial, threaded) and torch.equal(serial, staged)
+    assert 0.05 < float(serial.abs().max()) <= 0.1
+
+
 def test_seeded_weights_have_the_configured_scale():
     model, _ = models.build_model(models.get("tiny-gpt2"), "fp32")
-    weight = model.transformer.h[0].mlp.c_fc.weight
-    assert 0.015 < float(weight.std()) < 0.025
-    assert float(model.transformer.h[0].ln_1.weight.min()) == 1.0
-    assert float(model.transformer.h[0].mlp.c_fc.bias.abs().max()) == 0.0
+    block = _state(model)
+    assert 0.015 < float(block["transformer.h.0.mlp.c_fc.weight"].std()) < 0.025
+    assert float(block["transformer.h.0.ln_1.weight"].min()) == 1.0
+    assert float(block["transformer.h.0.mlp.c_fc.bias"].abs().max()) == 0.0
 
 
 def test_bad_seed_and_dtype_are_rejected():
@@ -311,7 +387,9 @@ def test_explicit_checkpoint_wins_and_is_identified(tiny_checkpoint, empty_hf_ca
     expected = _state(saved)
     assert all(torch.equal(expected[k].to(torch.bfloat16), v) for k, v in _state(model).items())
     # Same files, same identity; the hash is of content, not of the time it was read.
-    assert models.build_model(models.get("tiny-bloom"), "bf16", checkpoint=str(directory))[1] == source
+    assert (
+        models.build_model(models.get("tiny-bloom"), "bf16", checkpoint=str(directory))[1] == source
+    )
     tokenizer, is_real = models.build_tokenizer(models.get("tiny-bloom"), checkpoint=str(directory))
     assert is_real
 
@@ -352,7 +430,9 @@ def test_hf_cache_is_used_when_it_holds_the_weights(tiny_checkpoint, empty_hf_ca
 def test_hf_cache_without_weights_falls_back_to_the_seed(tiny_checkpoint, empty_hf_cache):
     directory, _ = tiny_checkpoint
     _fake_cache_entry(
-        empty_hf_cache, "test-org/tiny-bloom", {"config.json": (directory / "config.json").read_bytes()}
+        empty_hf_cache,
+        "test-org/tiny-bloom",
+        {"config.json": (directory / "config.json").read_bytes()},
     )
     spec = dataclasses.replace(models.get("tiny-bloom"), hf_id="test-org/tiny-bloom")
     assert models.build_model(spec, "fp32", seed=2)[1] == "seed:2"
@@ -444,21 +524,26 @@ def test_prompt_free_tokens_are_deterministic_text():
         models.encode_prompt(tokenizer, is_real, "x", 0)
 
 
-def test_tiny_bloom_generates_the_seed_workload_quickly():
-    """The CI tier exists to be cheap: 100 greedy tokens well under a second on any CPU."""
-    import time
-
+def test_tiny_bloom_runs_the_seed_workload_end_to_end(one_thread):
+    """7-token seed prompt, 100 greedy tokens, twice the same. No wall-clock bound here: the CI
+    host is shared and timing assertions would make this test flaky."""
     import torch
 
     spec = models.get("tiny-bloom")
-    model, _ = models.build_model(spec, "fp32")
     tokenizer, is_real = models.build_tokenizer(spec)
-    ids, mask, _ = models.encode_prompt(tokenizer, is_real, models.SEED_PROMPT, 1)
-    kwargs = dict(max_new_tokens=100, min_new_tokens=100, do_sample=False, pad_token_id=3)
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
-        start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, **kwargs)
-        elapsed = time.perf_counter() - start
-    assert out.shape == (1, 107)
-    assert elapsed < 1.0
+    ids, mask, n = models.encode_prompt(tokenizer, is_real, models.SEED_PROMPT, 2)
+    outputs = []
+    for _ in range(2):
+        model, _ = models.build_model(spec, "bf16", seed=0)
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=100,
+                min_new_tokens=100,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        outputs.append(out.tolist())
+    assert len(outputs[0][0]) == n + 100 == 107
+    assert outputs[0] == outputs[1]

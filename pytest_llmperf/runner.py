@@ -157,7 +157,13 @@ class LLMPerf:
         if new_tokens < 2:
             raise UsageError("llmperf.generate(new_tokens=...): at least 2 (TPOT needs two tokens)")
 
-        seed_tokens = prompt_tokens or models.SEED_PROMPT_TOKENS
+        # Before the tokenizer exists, a prompt's byte count bounds its token count.
+        if prompt_tokens is not None:
+            seed_tokens = prompt_tokens
+        elif prompt is not None and prompt != models.SEED_PROMPT:
+            seed_tokens = max(1, len(prompt.encode()))
+        else:
+            seed_tokens = models.SEED_PROMPT_TOKENS
         workload = {
             "model": model,
             "batch_size": batch_size,

@@ -97,8 +97,15 @@ def _medians(runs: list[dict[str, Any]], name: str) -> list[float]:
     ]
 
 
+def _baseline_dir(text: str) -> Path:
+    root = Path(text)
+    if not root.is_dir():
+        raise CliError(f"{text}: no such baseline directory")
+    return root
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
+    root = _baseline_dir(args.dir)
     files = baselines.load_dir(root)
     if not files:
         print(f"no baseline files under {root}")
@@ -139,7 +146,7 @@ def _resolve_dir(text: str, repo: Path) -> Path:
         return baselines.materialize_git_rev(rev, "baselines", repo)
     path = Path(text)
     if not path.is_dir():
-        raise CliError(f"{text}: not a directory (use git:REV for a git revision)")
+        raise CliError(f"{text}: no such baseline directory (use git:REV for a git revision)")
     return path
 
 
@@ -229,12 +236,11 @@ def collected_keys(pytest_args: Sequence[str]) -> set[tuple[str, str]]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    root = _baseline_dir(args.dir)
     live = collected_keys([a for a in args.pytest_args if a != "--"])
     # Named workloads ("key:name") exist only at run time; they live while their test does.
-    root = Path(args.dir)
-    if root.is_dir():
-        for (_device, suite), bf in baselines.load_dir(root).items():
-            live |= {(suite, k) for k in bf.entries if (suite, k.split(":", 1)[0]) in live}
+    for (_device, suite), bf in baselines.load_dir(root).items():
+        live |= {(suite, k) for k in bf.entries if (suite, k.split(":", 1)[0]) in live}
     stale = baselines.prune(Path(args.dir), live, dry_run=not args.yes)
     if not stale:
         print(f"nothing to prune: every entry under {args.dir} is produced by a collected test")

@@ -68,17 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
         settings,
         rootdir=Path(config.rootpath),
         worker=hasattr(config, "workerinput"),
-        benchmark_json=_benchmark_json_path(config),
     )
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(config), "llmperf-collector")
-
-
-def _benchmark_json_path(config: pytest.Config) -> Optional[str]:
-    if not config.pluginmanager.hasplugin("benchmark"):
-        return None
-    value = config.getoption("benchmark_json", None)
-    return getattr(value, "name", value) if value else None
 
 
 def _state(config: pytest.Config) -> RunState:
@@ -149,9 +141,19 @@ def baseline_key(item: pytest.Item) -> str:
 
 
 def _param_text(value: Any) -> str:
+    """A parameter value as it appears in a baseline key: stable across runs and processes."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return str(value)
-    return getattr(value, "__name__", None) or type(value).__name__
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_param_text(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_param_text(v)}" for k, v in sorted(value.items())) + "}"
+    name = getattr(value, "__name__", None)
+    if name:
+        return name
+    text = repr(value)
+    # A default repr holds a memory address: different in every process, useless as a key.
+    return type(value).__name__ if " at 0x" in text else text
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -281,17 +283,24 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: backends.Backend) -
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
+    usage: Optional[str] = None
+    skip: Optional[str] = None
     try:
         result = yield
     except UsageError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        usage = str(exc)
     except SkipWorkload as exc:
-        pytest.skip(str(exc))
+        skip = str(exc)
     except Exception as exc:
         handle = item.stash.get(HANDLE, None)
         if handle is not None:
             handle.record_error(exc)
         raise
+    # Outside the except blocks: pytest would otherwise print the chained exception too.
+    if usage is not None:
+        pytest.fail(usage, pytrace=False)
+    if skip is not None:
+        pytest.skip(skip)
     handle = item.stash.get(HANDLE, None)
     if handle is None:
         return result
@@ -347,14 +356,24 @@ class _Collector:
             _state(self.config).collect(report.nodeid, report.outcome, rows)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if hasattr(session.config, "workerinput"):
-        return
-    state = _state(session.config)
-    state.finish()
-    if state.errors and session.exitstatus == 0:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
+    # Before yielding: every test has run, and the terminal summary (printed after the inner
+    # hooks) must already know what the baseline update changed.
+    config = session.config
+    if not hasattr(config, "workerinput"):
+        state = _state(config)
+        # pytest-benchmark saves --benchmark-json in its own wrapper, and only when its fixture
+        # ran; otherwise it warns "Not saving anything". When only llmperf measured, the file
+        # is ours to write.
+        bs = getattr(config, "_benchmarksession", None)
+        if bs is not None and getattr(bs, "json", None) and not bs.benchmarks:
+            state.benchmark_json = str(getattr(bs.json, "name", bs.json))
+            bs.json = None
+        state.finish()
+        if state.errors and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return (yield)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -369,9 +388,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict) -> None:
-    state = _state(config)
-    state.benchmark_json_extended = True
-    output_json.setdefault("benchmarks", []).extend(state.benchmark_entries())
+    output_json.setdefault("benchmarks", []).extend(_state(config).benchmark_entries())
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

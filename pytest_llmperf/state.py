@@ -33,7 +33,6 @@ class RunState:
     worker: bool
     selected_backends: list[str]
     benchmark_json: Optional[str] = None
-    benchmark_json_extended: bool = False
     cache: ModelCache = field(default_factory=ModelCache)
     rows: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -50,14 +49,12 @@ class RunState:
         *,
         rootdir: Path,
         worker: bool = False,
-        benchmark_json: Optional[str] = None,
     ) -> RunState:
         return cls(
             settings=settings,
             rootdir=rootdir,
             worker=worker,
             selected_backends=backends.select(settings.backend),
-            benchmark_json=benchmark_json,
         )
 
     # -- where things are ----------------------------------------------------------------
@@ -218,7 +215,7 @@ class RunState:
             if step:
                 with open(step, "a") as f:
                     f.write(text)
-        if self.benchmark_json and not self.benchmark_json_extended:
+        if self.benchmark_json:
             report.write_benchmark_json(self.benchmark_json, self.benchmark_entries())
 
     def _update_baselines(self) -> None:

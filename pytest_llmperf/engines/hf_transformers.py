@@ -2,38 +2,47 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Optional
 
 from ..backends.base import Backend
 from .base import Engine, LoadedModel, TokenHook
 
 
-def token_criteria(on_token: Optional[TokenHook]) -> Any:
-    """A stopping criterion that never stops and calls ``on_token`` after each new token.
+@contextmanager
+def token_stamps(model: Any, on_token: Optional[TokenHook]) -> Iterator[None]:
+    """Call ``on_token`` after every forward pass of ``model`` inside the block.
 
-    generate() evaluates stopping criteria once per decoding step, right after the step's
-    token is appended, which is exactly where TTFT (first call) and TPOT (the rest) are read.
+    generate() runs one forward per new token (the prefill's forward yields the first), so the
+    first call marks TTFT and the rest the decode steps. An instance-level ``forward`` wrapper
+    costs one Python call per step; a stopping criterion or a forward hook costs an extra
+    tensor op or torch's slow hook path per step, measurable on a tiny model (≈1% of e2e).
+    ``functools.wraps`` keeps the signature generate() inspects (``logits_to_keep``). A
+    ``forward`` already set on the instance (accelerate's dispatch hooks) is wrapped and
+    restored, never dropped.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     if on_token is None:
-        return StoppingCriteriaList()
+        yield
+        return
+    own = model.__dict__.get("forward")
+    inner = model.forward
 
-    class _OnToken(StoppingCriteria):
-        def __init__(self) -> None:
-            self._false: Any = None
+    @functools.wraps(inner)
+    def timed_forward(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        on_token()
+        return out
 
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            on_token()
-            import torch
-
-            if self._false is None or self._false.shape[0] != input_ids.shape[0]:
-                self._false = torch.zeros(
-                    input_ids.shape[0], dtype=torch.bool, device=input_ids.device
-                )
-            return self._false
-
-    return StoppingCriteriaList([_OnToken()])
+    model.forward = timed_forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def greedy_kwargs(new_tokens: int, pad_token_id: Optional[int]) -> dict[str, Any]:
@@ -83,10 +92,9 @@ class TransformersEngine(Engine):
     ) -> Any:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), token_stamps(loaded.model, on_token):
             return loaded.model.generate(
                 input_ids,
                 attention_mask=attention_mask,
-                stopping_criteria=token_criteria(on_token),
                 **greedy_kwargs(new_tokens, getattr(loaded.tokenizer, "pad_token_id", None)),
             )

@@ -1,0 +1,192 @@
+"""Fake hardware for the plugin's own tests.
+
+A backend whose clock moves only when work is done on it (the fake engines, or a test calling
+``advance``), and engines that "generate" by advancing that clock: prefill costs ``PREFILL_S``,
+each further token ``DECODE_S``, the very first call of a loaded model also ``COMPILE_S``. All
+are binary fractions, so sums of them are exact and tests can compare with ``==``.
+
+The same source serves two purposes: unit tests import it, and the pytester projects get it as
+their ``conftest.py`` with ``register_all()`` appended (see ``tests/conftest.py``). Behaviour
+that differs between runs of one project (a 20 % slower chip, less memory, four devices, a new
+SDK version) is read from environment variables, as a user's hardware would differ.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Optional
+
+from pytest_llmperf import backends, engines
+from pytest_llmperf.backends import Backend, Probe
+from pytest_llmperf.engines.base import Engine, LoadedModel
+
+GiB = 2**30
+
+PREFILL_S = 1 / 16
+DECODE_S = 1 / 128
+COMPILE_S = 2.0
+LOAD_S = 0.5
+PEAK_BYTES = 3 * 2**20
+AVAILABLE_BYTES = 64 * GiB
+
+#: Multiplies every prefill/decode step: 1.2 makes the fake chip 20 % slower.
+ENV_SLOWDOWN = "FAKE_SLOWDOWN"
+#: Memory one device still has free, in bytes.
+ENV_AVAILABLE = "FAKE_AVAILABLE_BYTES"
+ENV_DEVICES = "FAKE_DEVICES"
+ENV_SDK = "FAKE_SDK_VERSION"
+#: Added to every generated token id: a kernel change that flips the greedy output.
+ENV_OUTPUT_SHIFT = "FAKE_OUTPUT_SHIFT"
+
+
+def slowdown() -> float:
+    return float(os.environ.get(ENV_SLOWDOWN, "1"))
+
+
+def steady_e2e(new_tokens: int, factor: float = 1.0) -> float:
+    """What one generate call of the fake engine costs after the first (compile) call."""
+    return (PREFILL_S + (new_tokens - 1) * DECODE_S) * factor
+
+
+class FakeBackend(Backend):
+    """One fake chip. ``events`` logs every sync, clock read and memory call, in order."""
+
+    name: ClassVar[str] = "fake"
+    torch_device: ClassVar[str] = "cpu"
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.events: list[str] = []
+
+    def _probe_impl(self) -> Probe:
+        return Probe(True, "", int(os.environ.get(ENV_DEVICES, "1")))
+
+    def device_name(self) -> str:
+        return "Fake Chip"
+
+    def device_key(self) -> str:
+        return "fake-chip"
+
+    def versions(self) -> dict[str, str]:
+        return {"fake-sdk": os.environ.get(ENV_SDK, "1.0")}
+
+    def clock(self) -> float:
+        self.events.append("clock")
+        return self.now
+
+    def synchronize(self) -> None:
+        self.events.append("sync")
+
+    def advance(self, seconds: float, what: str = "work") -> None:
+        """Device work: the only thing that moves the clock."""
+        self.events.append(what)
+        self.now += seconds
+
+    def reset_peak_memory(self) -> None:
+        self.events.append("reset_peak")
+
+    def peak_memory_bytes(self) -> Optional[int]:
+        self.events.append("read_peak")
+        return PEAK_BYTES
+
+    def available_memory_bytes(self) -> Optional[int]:
+        return int(os.environ.get(ENV_AVAILABLE, str(AVAILABLE_BYTES)))
+
+
+class MissingSdkBackend(Backend):
+    """Hardware whose vendor stack is not installed: the probe's import fails."""
+
+    name: ClassVar[str] = "fakeoff"
+
+    def _probe_impl(self) -> Probe:
+        raise ModuleNotFoundError("No module named 'fake_sdk'")
+
+
+class WordTokenizer:
+    """Just enough of a tokenizer for ``models.encode_prompt``: one id per word."""
+
+    bos_token_id = None
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [4 + sum(map(ord, word)) % 1000 for word in text.split()]}
+
+
+class FakeEngine(Engine):
+    """Generates ``new_tokens`` per row by advancing the backend's clock token by token."""
+
+    name: ClassVar[str] = "fake-engine"
+    #: Tokens produced short of those asked for (a broken engine).
+    missing_tokens: ClassVar[int] = 0
+    #: Seconds spent after the last token inside the call (e.g. a host copy).
+    overhead_s: ClassVar[float] = 0.0
+
+    def load(self, spec: Any, dtype: str, backend: Backend, devices: int) -> LoadedModel:
+        backend.synchronize()
+        start = backend.clock()
+        backend.advance(LOAD_S, "load")
+        backend.synchronize()
+        return LoadedModel(
+            model={"backend": backend, "calls": 0},
+            tokenizer=WordTokenizer(),
+            real_tokenizer=False,
+            weight_source="fake-seed-0",
+            weight_bytes=spec.weight_bytes(dtype),
+            load_time_s=backend.clock() - start,
+            dtype=dtype,
+            devices=devices,
+        )
+
+    def generate(
+        self,
+        loaded: LoadedModel,
+        input_ids: Any,
+        attention_mask: Any,
+        new_tokens: int,
+        on_token: Optional[Any],
+    ) -> Any:
+        import torch
+
+        state = loaded.model
+        backend: FakeBackend = state["backend"]
+        if state["calls"] == 0:
+            backend.advance(COMPILE_S, "compile")
+        state["calls"] += 1
+        factor = slowdown()
+        produced = new_tokens - self.missing_tokens
+        for i in range(produced):
+            backend.advance((PREFILL_S if i == 0 else DECODE_S) * factor, "token")
+            if on_token is not None:
+                on_token()
+        if self.overhead_s:
+            backend.advance(self.overhead_s, "overhead")
+        shift = int(os.environ.get(ENV_OUTPUT_SHIFT, "0"))
+        new = torch.arange(produced, dtype=torch.long) % 50 + 5 + shift
+        new = new.expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+class ShortEngine(FakeEngine):
+    name: ClassVar[str] = "fake-short"
+    missing_tokens: ClassVar[int] = 1
+
+
+class OverheadEngine(FakeEngine):
+    name: ClassVar[str] = "fake-overhead"
+    overhead_s: ClassVar[float] = 0.25
+
+
+class OomEngine(FakeEngine):
+    name: ClassVar[str] = "fake-oom"
+
+    def generate(self, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        raise torch.OutOfMemoryError("fake: tried to allocate 2.00 GiB")
+
+
+def register_all() -> None:
+    backends.register(FakeBackend, replace=True)
+    backends.register(MissingSdkBackend, replace=True)
+    for engine in (FakeEngine(), ShortEngine(), OverheadEngine(), OomEngine()):
+        engines.register(engine)

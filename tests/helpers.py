@@ -1,0 +1,31 @@
+"""Reading what a run left behind, the way a user would: results.json, baseline files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+#: Selects the fake chip of tests/fakes.py.
+FAKE = "--llmperf-backend=fake"
+
+
+def read_results(directory: Path) -> list[dict[str, Any]]:
+    """The rows of ``<directory>/results.json`` written by ``--llmperf-report``."""
+    return json.loads((Path(directory) / "results.json").read_text())["results"]
+
+
+def record_of(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    found = [row["record"] for row in rows if row["record"]["key"] == key]
+    assert len(found) == 1, (
+        f"expected one record {key!r}, got keys {[r['record']['key'] for r in rows]}"
+    )
+    return found[0]
+
+
+def samples(record: dict[str, Any], metric: str) -> list[float]:
+    return record["metrics"][metric]["samples"]
+
+
+def baseline_file(root: Path, suite: str, device: str = "fake-chip") -> dict[str, Any]:
+    return json.loads((Path(root) / "baselines" / device / f"{suite}.json").read_text())

@@ -1,0 +1,363 @@
+"""The ``llmperf`` command: models, baselines show/diff/prune/record, report.
+
+Read-only commands run in-process (``cli.main``) with their output captured; ``record`` and
+``prune`` run for real, since they start pytest processes on a pytester project of the fake chip.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import FAKE, baseline_file
+
+from pytest_llmperf import baselines, cli, report
+from pytest_llmperf.results import MetricValue, Record
+from pytest_llmperf.verdict import format_value
+
+KEY = "test_lat[batch_size=1,model=tiny-bloom]"
+DATE = "2026-01-02T03:04:05Z"
+
+
+def record(
+    key: str = KEY,
+    latency: float = 1.0,
+    *,
+    torch: str = "2.1.0",
+    suite: str = "test_lat",
+    device: str = "fake-chip",
+    backend: str = "fake",
+) -> Record:
+    return Record(
+        key=key,
+        suite=suite,
+        backend=backend,
+        device_key=device,
+        outcome="ok",
+        metrics={"e2e_latency_s": MetricValue.from_samples("e2e_latency_s", [latency] * 10)},
+        provenance={"versions": {"torch": torch, "pytest-llmperf": "0.1.0"}, "env": {}},
+        nodeid=f"{suite}.py::{key}",
+    )
+
+
+def store(root: Path, *records: Record, device: str = "fake-chip", suite: str = "test_lat") -> Path:
+    path = baselines.baseline_path(root, device, suite)
+    baselines.update(
+        path, list(records), device={"key": device, "backend": "fake"}, suite=suite, now=DATE
+    )
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def usage_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """Run a command that must fail as a usage error; return its one error line."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    # "llmperf: error: ..." or, from argparse, "llmperf baselines diff: error: ..."
+    errors = [line for line in err.splitlines() if re.match(r"llmperf( [a-z]+)*: error: ", line)]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def test_models_lists_the_catalog(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "id",
+        "family",
+        "tier",
+        "parameters",
+        "bf16",
+        "weights",
+        "checkpoint",
+    ]
+    ids = [line.split()[0] for line in lines[2:]]
+    assert "tiny-bloom" in ids
+    assert "bloom-176b" in ids
+    bloom = next(line for line in lines if line.startswith("bloom-176b"))
+    assert "bigscience/bloom" in bloom and " full " in bloom
+
+
+# -- baselines show ------------------------------------------------------------------------
+
+
+def test_show_lists_entries_with_runs_median_and_between_run_spread(tmp_path, capsys):
+    store(tmp_path, record(latency=1.0))
+    store(tmp_path, record(latency=1.02))
+    store(tmp_path, record("test_other", latency=0.5))
+    code, out, _ = run_cli(capsys, "baselines", "show", str(tmp_path))
+    assert code == 0
+    assert "fake-chip / test_lat.json  (2 entries)" in out
+    row = next(line for line in out.splitlines() if line.startswith(KEY)).split()
+    cv = statistics.stdev([1.0, 1.02]) / statistics.mean([1.0, 1.02])
+    assert row[1:4] == ["2", "ok", "e2e_latency_s"]
+    assert " ".join(row[4:6]) == format_value(1.01, "s")
+    assert row[6] == f"{cv:.2%}"
+    assert row[7] == DATE
+    other = next(line for line in out.splitlines() if line.startswith("test_other"))
+    assert "(1 run)" in other
+
+
+def test_show_of_an_empty_directory_says_so(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "baselines", "show", str(tmp_path))
+    assert code == 0
+    assert out.strip() == f"no baseline files under {tmp_path}"
+
+
+def test_show_of_a_corrupt_file_is_a_one_line_error_naming_it(tmp_path, capsys):
+    path = store(tmp_path, record())
+    path.write_text("{")
+    line = usage_error(capsys, "baselines", "show", str(tmp_path))
+    assert str(path) in line
+
+
+def test_show_of_a_missing_directory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    line = usage_error(capsys, "baselines", "show", str(tmp_path / "nope"))
+    assert line == f"llmperf: error: {tmp_path / 'nope'}: no such baseline directory"
+    monkeypatch.chdir(tmp_path)  # the default, ./baselines, is not there either
+    assert usage_error(capsys, "baselines", "show").endswith(
+        "baselines: no such baseline directory"
+    )
+
+
+# -- baselines diff ------------------------------------------------------------------------
+
+
+def _old_and_new(tmp_path: Path) -> tuple[Path, Path]:
+    old, new = tmp_path / "old", tmp_path / "new"
+    store(old, record(latency=1.0, torch="2.1.0"), record("test_same", 0.5), record("test_gone"))
+    store(new, record(latency=1.2, torch="2.2.0"), record("test_same", 0.5), record("test_new"))
+    return old, new
+
+
+def test_diff_shows_old_new_ratio_and_the_versions_that_changed(tmp_path, capsys):
+    old, new = _old_and_new(tmp_path)
+    code, out, _ = run_cli(capsys, "baselines", "diff", str(old), str(new))
+    assert code == 0
+    lines = out.splitlines()
+    slower = next(line for line in lines if f"`{KEY}` | e2e_latency_s" in line)
+    cells = [cell.strip() for cell in slower.split("|")]
+    assert cells[1:7] == [
+        "fake-chip / test_lat",
+        f"`{KEY}`",
+        "e2e_latency_s",
+        format_value(1.0, "s"),
+        format_value(1.2, "s"),
+        "×1.200",
+    ]
+    assert cells[7].startswith("regressed")
+    same = next(line for line in lines if "`test_same` | e2e_latency_s" in line)
+    assert "×1.000" in same and "| pass" in same
+    assert any("`test_gone`" in line and "(removed)" in line for line in lines)
+    assert any("`test_new`" in line and "added" in line for line in lines)
+    assert lines[-2:] == ["Versions that changed:", "- fake-chip / test_lat: torch 2.1.0 → 2.2.0"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_diff_against_a_git_revision(tmp_path, capsys, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+        )
+
+    git("init", "-q")
+    store(repo / "baselines", record(latency=1.0, torch="2.1.0"))
+    git("add", "baselines")
+    git("commit", "-q", "-m", "baseline")
+    # The accepted new numbers, rewritten in the working tree as --llmperf-update-baselines does.
+    store(repo / "baselines", record(latency=1.2, torch="2.2.0"))
+    monkeypatch.chdir(repo)
+    code, out, _ = run_cli(capsys, "baselines", "diff", "git:HEAD", "baselines")
+    assert code == 0
+    assert any(f"`{KEY}` | e2e_latency_s" in line and "×1.200" in line for line in out.splitlines())
+    assert "- fake-chip / test_lat: torch 2.1.0 → 2.2.0" in out
+    line = usage_error(capsys, "baselines", "diff", "git:no-such-rev", "baselines")
+    assert "git:no-such-rev" in line and "unknown revision" in line
+
+
+def test_diff_of_a_directory_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
+    store(tmp_path / "new", record())
+    line = usage_error(capsys, "baselines", "diff", str(tmp_path / "nope"), str(tmp_path / "new"))
+    assert "nope: no such baseline directory (use git:REV for a git revision)" in line
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def _results(path: Path, *records: Record) -> Path:
+    rows = [
+        {"nodeid": r.nodeid, "test_outcome": "passed", "record": r.to_json(), "verdict": None}
+        for r in records
+    ]
+    return report.write_results(path, rows, {"label": None})
+
+
+def test_report_merges_results_from_several_nodes(tmp_path, capsys, monkeypatch):
+    a = _results(tmp_path / "node-a", record("test_a", 1.0))
+    b = _results(tmp_path / "node-b", record("test_b", 2.0, device="cpu-x-2t", backend="cpu"))
+    code, out, _ = run_cli(capsys, "report", str(a), str(b))
+    assert code == 0
+    assert "## fake (fake-chip)" in out
+    assert "## cpu (cpu-x-2t)" in out
+    assert "`test_a`" in out and "`test_b`" in out
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "report", str(a), str(b), "-o", "merged.md")
+    assert code == 0
+    assert out.strip() == "wrote merged.md (2 results from 2 files)"
+    merged = (tmp_path / "merged.md").read_text()
+    assert "## fake (fake-chip)" in merged and "## cpu (cpu-x-2t)" in merged
+
+
+def test_report_of_a_file_that_is_not_results_is_a_one_line_error(tmp_path, capsys):
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"benchmarks": []}))
+    line = usage_error(capsys, "report", str(bogus))
+    assert str(bogus) in line and "not an llmperf results.json" in line
+    line = usage_error(capsys, "report", str(tmp_path / "missing.json"))
+    assert "missing.json: not a readable results file" in line
+
+
+# -- bad arguments -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "required: command"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["baselines"], "required: action"),
+        (["baselines", "diff", "only-one"], "required: new"),
+        (["baselines", "record", "--runs", "many"], "invalid int value: 'many'"),
+        (["baselines", "record", "--runs", "0"], "--runs 0: expected a positive integer"),
+        (["report"], "required: results"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_error_line(capsys, argv, expected):
+    assert expected in usage_error(capsys, *argv)
+
+
+# -- record and prune, for real ------------------------------------------------------------
+
+MEASURED = """
+    def test_a(llmperf):
+        llmperf.measure(lambda: llmperf.backend.advance(0.25))
+
+    def test_b(llmperf):
+        llmperf.measure(lambda: llmperf.backend.advance(0.5), name="first")
+"""
+
+
+def test_record_appends_one_run_per_fresh_pytest_process(project, capfd):
+    project.makepyfile(test_prj=MEASURED)
+    code = cli.main(["baselines", "record", "--runs", "2", "--", FAKE, "-p", "no:cacheprovider"])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert "llmperf: recording run 1/2" in out
+    assert "llmperf: recording run 2/2" in out
+    entries = baseline_file(project.path, "test_prj")["entries"]
+    assert sorted(entries) == ["test_a", "test_b:first"]
+    assert [len(entry["runs"]) for entry in entries.values()] == [2, 2]
+
+
+def test_record_stops_at_the_first_failing_run(project, capfd):
+    project.makepyfile(
+        test_prj="""
+        def test_broken(llmperf):
+            llmperf.measure(lambda: llmperf.backend.advance(0.25))
+            assert False, "the workload's own check failed"
+        """
+    )
+    code = cli.main(["baselines", "record", "--runs", "3", "--", FAKE, "-p", "no:cacheprovider"])
+    out, err = capfd.readouterr()
+    assert code == 1
+    assert "llmperf: recording run 1/3" in out
+    assert "recording run 2/3" not in out
+    assert "llmperf: run 1 exited with 1; stopping (runs already recorded are kept)" in err
+    assert not (project.path / "baselines").exists()
+
+
+def _stale_project(project: pytest.Pytester) -> tuple[Path, Path]:
+    project.makepyfile(test_prj=MEASURED)
+    root = project.path / "baselines"
+    live = store(
+        root,
+        record("test_a", suite="test_prj"),
+        record("test_b:first", suite="test_prj"),
+        record("test_b:second", suite="test_prj"),
+        record("test_gone", suite="test_prj"),
+        suite="test_prj",
+    )
+    dead = store(root, record("test_x", suite="test_old"), suite="test_old")
+    return live, dead
+
+
+def _prune(yes: bool, capfd: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    argv = ["baselines", "prune", "--dir", "baselines"] + (["--yes"] if yes else [])
+    code = cli.main(argv + ["--", FAKE, "-p", "no:cacheprovider"])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    return code, out.splitlines()
+
+
+def test_prune_dry_run_lists_entries_no_collected_test_produces(project, capfd):
+    live, dead = _stale_project(project)
+    before = live.read_bytes(), dead.read_bytes()
+    _, lines = _prune(False, capfd)
+    assert lines == [
+        "would remove: baselines/fake-chip/test_old.json: test_x",
+        "would remove: baselines/fake-chip/test_prj.json: test_gone",
+        "2 stale entries; run again with --yes to remove them",
+    ]
+    assert (live.read_bytes(), dead.read_bytes()) == before
+
+
+def test_prune_yes_removes_them_and_keeps_named_workloads_of_live_tests(project, capfd):
+    live, dead = _stale_project(project)
+    _, lines = _prune(True, capfd)
+    assert lines == [
+        "removed: baselines/fake-chip/test_old.json: test_x",
+        "removed: baselines/fake-chip/test_prj.json: test_gone",
+    ]
+    assert not dead.exists()
+    assert sorted(baseline_file(project.path, "test_prj")["entries"]) == [
+        "test_a",
+        "test_b:first",
+        "test_b:second",
+    ]
+    _, lines = _prune(True, capfd)
+    assert lines == [
+        "nothing to prune: every entry under baselines is produced by a collected test"
+    ]
+
+
+def test_prune_of_a_missing_baselines_directory_is_a_one_line_error(project, capfd):
+    project.makepyfile(test_prj=MEASURED)
+    code = cli.main(["baselines", "prune", "--dir", "nope", "--", FAKE, "-p", "no:cacheprovider"])
+    _, err = capfd.readouterr()
+    assert code == 2
+    assert err.strip() == "llmperf: error: nope: no such baseline directory"

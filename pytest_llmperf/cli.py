@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,9 +31,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from . import models
 
     rows = [["id", "family", "tier", "parameters", "bf16 weights", "checkpoint"]]
-    for spec in sorted(
-        models.catalog().values(), key=lambda s: (s.tier, s.family, s.param_count())
-    ):
+    order = {"tiny": 0, "full": 1}
+    specs = models.catalog().values()
+    for spec in sorted(specs, key=lambda s: (order.get(s.tier, 2), s.family, s.param_count())):
         rows.append(
             [
                 spec.id,
@@ -140,10 +141,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 # -- baselines diff ------------------------------------------------------------------------------
 
 
-def _resolve_dir(text: str, repo: Path) -> Path:
+def _resolve_dir(text: str, repo: Path, subdir: str = "baselines") -> Path:
     if text.startswith("git:"):
-        rev = text[4:]
-        return baselines.materialize_git_rev(rev, "baselines", repo)
+        return baselines.materialize_git_rev(text[4:], subdir, repo)
     path = Path(text)
     if not path.is_dir():
         raise CliError(f"{text}: no such baseline directory (use git:REV for a git revision)")
@@ -211,8 +211,16 @@ def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     repo = Path(args.repo)
-    old = _resolve_dir(args.old, repo)
-    new = _resolve_dir(args.new, repo)
+    # git:REV reads, at that revision, the directory the other side names (when it is a
+    # directory inside the repository), so `diff git:main my/baselines` compares like with like.
+    subdir = "baselines"
+    for side in (args.new, args.old):
+        if not side.startswith("git:") and Path(side).is_dir():
+            with contextlib.suppress(ValueError):
+                subdir = Path(side).resolve().relative_to(repo.resolve()).as_posix()
+            break
+    old = _resolve_dir(args.old, repo, subdir)
+    new = _resolve_dir(args.new, repo, subdir)
     print("\n".join(diff_rows(old, new, alpha=args.alpha)))
     return 0
 

@@ -17,6 +17,7 @@ import pytest
 from . import backends
 from . import report as report_mod
 from . import settings as S
+from .measure import TokenCountError
 from .runner import LLMPerf, SkipWorkload, UsageError, Workload
 from .state import RunState
 
@@ -287,6 +288,13 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     skip: Optional[str] = None
     try:
         result = yield
+    except TokenCountError as exc:
+        # A wrong token count is the engine's fault, not the test's: one line, and the
+        # workload shows up as an error in the report.
+        handle = item.stash.get(HANDLE, None)
+        if handle is not None:
+            handle.record_error(exc)
+        usage = str(exc)
     except UsageError as exc:
         usage = str(exc)
     except SkipWorkload as exc:
@@ -328,13 +336,21 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        # A skip raised in our fixtures or wrapper would point at plugin.py; -rs should show
+        # the user's test.
+        path, _line, reason = report.longrepr
+        if Path(str(path)).name == "plugin.py" and Path(str(path)).parent.name == __package__:
+            fspath, lineno, _ = item.reportinfo()
+            report.longrepr = (str(fspath), (lineno or 0) + 1, reason)
     if call.when == "call":
         handle = item.stash.get(HANDLE, None)
         if handle is not None and handle.records:
             verdicts = item.stash.get(VERDICTS, [None] * len(handle.records))
             # Plain JSON on the report: pytest-xdist ships it to the controller unchanged.
+            gate = _state(item.config).gating
             report.llmperf = [
-                {"record": r.to_json(), "verdict": report_mod.verdict_json(v)}
+                {"record": r.to_json(), "verdict": report_mod.verdict_json(v), "gate": gate}
                 for r, v in zip(handle.records, verdicts)
             ]
     return report

@@ -99,7 +99,8 @@ def verdict_word(row: dict[str, Any]) -> str:
         return "error"
     if v is None:
         return "not judged"
-    return ("FAIL " if v["failed"] else "") + v["worst"]
+    # Under --llmperf-no-gate (or while updating) a regression is reported, not a failure.
+    return ("FAIL " if v["failed"] and row.get("gate", True) else "") + v["worst"]
 
 
 def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -200,7 +201,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
                     continue
                 unit = METRICS[m["metric"]].unit
                 ratio = f"×{m['ratio']:.3f}" if m.get("ratio") is not None else ""
-                word = ("**FAIL** " if m["failed"] else "") + m["verdict"]
+                failed = m["failed"] and row.get("gate", True)
+                word = ("**FAIL** " if failed else "") + m["verdict"]
                 out.append(
                     f"| `{r['key']}` | {m['metric']} | {format_value(m['baseline'], unit)} | "
                     f"{format_value(m['current'], unit)} | {ratio} | {word} |"

@@ -157,13 +157,6 @@ class LLMPerf:
         if new_tokens < 2:
             raise UsageError("llmperf.generate(new_tokens=...): at least 2 (TPOT needs two tokens)")
 
-        # Before the tokenizer exists, a prompt's byte count bounds its token count.
-        if prompt_tokens is not None:
-            seed_tokens = prompt_tokens
-        elif prompt is not None and prompt != models.SEED_PROMPT:
-            seed_tokens = max(1, len(prompt.encode()))
-        else:
-            seed_tokens = models.SEED_PROMPT_TOKENS
         workload = {
             "model": model,
             "batch_size": batch_size,
@@ -176,9 +169,8 @@ class LLMPerf:
 
         cache_key = (model, dtype, engine, self.backend.name, devices)
         loaded = self.cache.get(cache_key)
-        avail = self.backend.available_memory_bytes()
         weights = spec.weight_bytes(dtype)
-        need = models.estimate_generation_bytes(spec, dtype, batch_size, seed_tokens, new_tokens)
+        avail = self.backend.available_memory_bytes()
         if avail is not None:
             resident = weights if loaded is not None else 0
             free_for_us = avail * devices + resident
@@ -187,13 +179,13 @@ class LLMPerf:
                     f"{model} cannot load on {self.backend.name}: its {dtype} weights need "
                     f"{fmt_bytes(weights)}, {fmt_bytes(avail * devices)} available"
                 )
+            # Before the tokenizer exists the prompt's length is known only for the seed
+            # prompt; a one-token prompt is the floor. A workload that fails even that is not
+            # worth loading a model for; the exact check follows the encoding.
+            floor = prompt_tokens or (models.SEED_PROMPT_TOKENS if prompt is None else 1)
+            need = models.estimate_generation_bytes(spec, dtype, batch_size, floor, new_tokens)
             if need > free_for_us:
-                record.outcome = "oom"
-                record.note = (
-                    f"not run: estimated need {fmt_bytes(need)} (weights + KV cache + "
-                    f"activations) > {fmt_bytes(free_for_us)} available"
-                )
-                return self._finish(record)
+                return self._not_run(record, need, free_for_us)
 
         if loaded is None:
             self.cache.drop(self.backend)
@@ -214,10 +206,17 @@ class LLMPerf:
             batch_size,
             prompt_tokens,
         )
-        input_ids = input_ids.to(self.backend.torch_device)
-        mask = mask.to(self.backend.torch_device)
         record.workload["prompt_tokens"] = n_prompt
         record.workload["weight_source"] = loaded.weight_source
+        avail = self.backend.available_memory_bytes()
+        if avail is not None:
+            # The weights are resident now: they are part of the need and of what is free.
+            free_for_us = avail * devices + weights
+            need = models.estimate_generation_bytes(spec, dtype, batch_size, n_prompt, new_tokens)
+            if need > free_for_us:
+                return self._not_run(record, need, free_for_us)
+        input_ids = input_ids.to(self.backend.torch_device)
+        mask = mask.to(self.backend.torch_device)
 
         def call(hook: Any) -> Any:
             return eng.generate(loaded, input_ids, mask, new_tokens, hook)
@@ -351,13 +350,21 @@ class LLMPerf:
         record.metrics["warmup_s"] = MetricValue("warmup_s", timing.warmup_s)
         record.metrics["peak_memory_bytes"] = MetricValue(
             "peak_memory_bytes",
-            None if timing.peak_memory_bytes is None else float(timing.peak_memory_bytes),
+            timing.peak_memory_bytes,
         )
         record.workload["rounds"] = len(timing.e2e)
         busy = busy_note()
         notes = timing.notes + ([busy] if busy else [])
         if notes:
             record.note = "; ".join(notes)
+
+    def _not_run(self, record: Record, need: int, free: int) -> Record:
+        record.outcome = "oom"
+        record.note = (
+            f"not run: estimated need {fmt_bytes(need)} (weights + KV cache + activations) "
+            f"> {fmt_bytes(free)} available"
+        )
+        return self._finish(record)
 
     def _finish(self, record: Record) -> Record:
         self.records.append(record)

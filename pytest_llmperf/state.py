@@ -207,14 +207,14 @@ class RunState:
     def finish(self) -> None:
         if self.updating:
             self._update_baselines()
+        text = report.summary_markdown(self.rows) if self.rows else None
         if self.settings.report:
             report.write_results(self.report_dir, self.rows, self.run_info())
-            text = report.summary_markdown(self.rows)
-            (self.report_dir / "summary.md").write_text(text)
-            step = os.environ.get("GITHUB_STEP_SUMMARY")
-            if step:
-                with open(step, "a") as f:
-                    f.write(text)
+            (self.report_dir / "summary.md").write_text(text or report.summary_markdown([]))
+        step = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step and text:
+            with open(step, "a") as f:
+                f.write(text)
         if self.benchmark_json:
             report.write_benchmark_json(self.benchmark_json, self.benchmark_entries())
 

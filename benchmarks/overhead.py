@@ -74,8 +74,10 @@ def main() -> None:
 
     m_plugin, m_bare = statistics.median(plugin), statistics.median(bare)
     ratio = m_plugin / m_bare
-    print(f"model {args.model} {args.dtype}, {args.new_tokens} new tokens, bs=1, CPU "
-          f"{backend.device_key()}, {args.blocks} interleaved blocks × {args.rounds} rounds")
+    print(
+        f"model {args.model} {args.dtype}, {args.new_tokens} new tokens, bs=1, CPU "
+        f"{backend.device_key()}, {args.blocks} interleaved blocks × {args.rounds} rounds"
+    )
     print(f"bare generate loop   median {m_bare * 1000:8.3f} ms  (n={len(bare)})")
     print(f"llmperf.generate     median {m_plugin * 1000:8.3f} ms  (n={len(plugin)})")
     verdict = "ok" if ratio <= 1.01 else "GOAL MISSED"

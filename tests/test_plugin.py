@@ -1017,7 +1017,7 @@ def test_benchmark_json_holds_our_rounds_in_pytest_benchmark_format(project):
     assert entry["stats"]["rounds"] == 10
 
 
-def test_benchmark_json_keeps_our_entries_next_to_pytest_benchmark_ones(project):
+def test_benchmark_json_keeps_our_entries_next_to_pytest_benchmark_ones(project, monkeypatch):
     project.makepyfile(
         test_gen=GENERATE
         + """
@@ -1025,9 +1025,10 @@ def test_benchmark_json_keeps_our_entries_next_to_pytest_benchmark_ones(project)
         benchmark(lambda: None)
     """
     )
-    # -p no:xdist: under an outer `pytest -n`, pytest-benchmark would see xdist and disable
+    # Under an outer `pytest -n`, pytest-benchmark reads PYTEST_XDIST_WORKER and would disable
     # its own benchmark in the inner session.
-    args = ["--benchmark-json=b.json", "--benchmark-max-time=0.001", "-p", "no:xdist"]
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    args = ["--benchmark-json=b.json", "--benchmark-max-time=0.001"]
     project.runpytest(FAKE, *args).assert_outcomes(passed=2)
     data = json.loads((project.path / "b.json").read_text())
     assert {b["name"] for b in data["benchmarks"]} == {"test_gen[fake]", "test_theirs"}

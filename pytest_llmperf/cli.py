@@ -17,7 +17,7 @@ from typing import Any, Optional
 from . import __version__, baselines, report
 from .metrics import METRICS
 from .results import MetricValue, Record
-from .verdict import GateSettings, Verdict, compare_metric, format_value
+from .verdict import GateSettings, Verdict, between_run_spread, compare_metric, format_value
 
 
 class CliError(Exception):
@@ -118,11 +118,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             newest = runs[-1] if runs else {}
             name = _main_metric(newest)
             meds = _medians(runs, name) if name else []
-            cv = (
-                statistics.stdev(meds) / statistics.mean(meds)
-                if len(meds) >= 2 and statistics.mean(meds)
-                else None
-            )
+            cv = between_run_spread(meds)  # the very spread the gate uses
             rows.append(
                 [
                     key,
@@ -335,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CliError, baselines.BaselineError) as exc:
         print(f"llmperf: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `llmperf baselines show | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

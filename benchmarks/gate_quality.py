@@ -79,6 +79,8 @@ from pytest_llmperf.verdict import GateSettings, Verdict, compare_metric, judge
 REPO = Path(__file__).resolve().parent.parent
 POOL_SCHEMA = "llmperf-gate-quality-pool/1"
 DEFAULT_RUNS = 20
+#: Rounds of one measurement (the plugin's default --llmperf-rounds).
+ROUNDS = 10
 # Metrics with per-round samples (Mann-Whitney needs them); the others are single readings.
 SAMPLED = ("e2e_latency_s", "ms_per_token", "tokens_per_s", "tpot_s", "ttft_s")
 SCENARIOS = (("aa", 1.0), ("s5", 1.05), ("s10", 1.10))
@@ -158,7 +160,10 @@ def save_pool(path: Path, pool: dict[str, Any]) -> None:
 
 def build_pool(args: argparse.Namespace) -> dict[str, Any]:
     """Load the pool (``--reuse``) and measure runs until it holds ``--runs`` of them."""
-    pytest_args = pytest_command(args.select, args.pytest_arg)
+    extra = list(args.pytest_arg)
+    if args.attempts > 1 and not any(a.startswith("--llmperf-rounds") for a in extra):
+        extra.append(f"--llmperf-rounds={ROUNDS * args.attempts}")
+    pytest_args = pytest_command(args.select, extra)
     path = Path(args.pool)
     if args.reuse and path.exists():
         pool = load_pool(path)
@@ -224,6 +229,8 @@ class Workload:
     stored: list[dict[str, Any]] = field(default_factory=list)
     current: dict[str, list[MetricValue]] = field(default_factory=dict)
     gated: list[Record] = field(default_factory=list)  # records with only the gated metrics
+    # scenario -> per run: the run's consecutive measurements (first = ``current``)
+    attempts: dict[str, list[list[MetricValue]]] = field(default_factory=dict)
 
 
 def slowed(value: MetricValue, factor: float) -> MetricValue:
@@ -236,7 +243,22 @@ def slowed(value: MetricValue, factor: float) -> MetricValue:
     return MetricValue(value.name, None if value.value is None else value.value * scale)
 
 
-def workloads_from_pool(pool: dict[str, Any], name: str) -> list[Workload]:
+def split_attempts(record: Record, name: str, attempts: int) -> list[MetricValue]:
+    """A run's samples as ``attempts`` consecutive measurements of ROUNDS rounds each.
+
+    The first one stands for the run (what a baseline stores, what the gate first judges); the
+    later ones are what a re-measurement in the same process right after would have seen.
+    """
+    samples = record.metrics[name].samples
+    if attempts <= 1 or len(samples) < attempts * ROUNDS:
+        return [record.metrics[name]]
+    return [
+        MetricValue.from_samples(name, samples[i * ROUNDS : (i + 1) * ROUNDS])
+        for i in range(attempts)
+    ]
+
+
+def workloads_from_pool(pool: dict[str, Any], name: str, attempts: int = 1) -> list[Workload]:
     """Workloads measured ``ok`` with ``name`` in every run of the pool (others are dropped)."""
     per_run = [
         {r["key"]: Record.from_json(r) for r in run["records"] if r["outcome"] == "ok"}
@@ -253,6 +275,11 @@ def workloads_from_pool(pool: dict[str, Any], name: str) -> list[Workload]:
         if any(r.metrics.get(name) is None or r.value(name) is None for r in records):
             print(f"note: {key} has no {name} in some run; left out", flush=True)
             continue
+        split = [split_attempts(r, name, attempts) for r in records]
+        records = [
+            dataclasses.replace(r, metrics={**r.metrics, name: parts[0]})
+            for r, parts in zip(records, split)
+        ]
         wl = Workload(key=key, label=_short(records[0].workload) or key, records=records)
         wl.stored = [record_to_run(r) for r in records]
         wl.gated = [
@@ -261,6 +288,7 @@ def workloads_from_pool(pool: dict[str, Any], name: str) -> list[Workload]:
         ]
         for scen, factor in SCENARIOS:
             wl.current[scen] = [slowed(r.metrics[name], factor) for r in records]
+            wl.attempts[scen] = [[slowed(m, factor) for m in parts] for parts in split]
         out.append(wl)
     return out
 
@@ -298,6 +326,11 @@ def rule_mwu(alpha: float) -> Rule:
         return bool(stats.mannwhitneyu(cur.samples, base, alternative=alt).pvalue < alpha)
 
     return Rule(red, 1)
+
+
+def _lower_better(name: str) -> Callable[[MetricValue], float]:
+    sign = 1.0 if metric_info(name).lower_is_better else -1.0
+    return lambda m: sign * m.value
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -365,7 +398,8 @@ def pool_facts(workloads: list[Workload], name: str) -> dict[str, Any]:
 
 def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     name, k_hist = args.metric, args.history
-    workloads = workloads_from_pool(pool, name)
+    workloads = workloads_from_pool(pool, name, args.attempts)
+    n_attempts = min(len(a) for wl in workloads for a in wl.attempts["aa"]) if workloads else 1
     n_runs = len(pool["runs"])
     if not workloads:
         raise SystemExit("no workload was measured ok with that metric in every run")
@@ -379,6 +413,10 @@ def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     for k in args.short_history:
         if k < k_hist:
             rules[f"default rule, K={k}"] = rule_default(settings, k)
+    confirm_name = f"default rule, K={k_hist}, + confirm ({n_attempts - 1} re-measurements)"
+    if n_attempts > 1:
+        # Placeholder: judged below from the run's later measurements, like the plugin does.
+        rules[confirm_name] = rule_default(settings)
     rules["fixed 5% factor, 1 run"] = rule_fixed(1.05)
     rules[f"Mann-Whitney p<{settings.alpha:g}, 1 run"] = rule_mwu(settings.alpha)
 
@@ -405,6 +443,12 @@ def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             for scen, _ in SCENARIOS:
                 cur = wl.current[scen][cur_idx]
                 for rname, rule in rules.items():
+                    if rname == confirm_name:
+                        # state._confirm: red only if the best of all measurements is red too.
+                        best = min(wl.attempts[scen][cur_idx], key=_lower_better(name))
+                        first_red = red[f"default rule, K={k_hist}"][scen][t, w]
+                        red[rname][scen][t, w] = first_red and rule.red(name, best, runs)
+                        continue
                     depth = k_hist if rule.depth is None else rule.depth
                     ckey = (rname, w, scen, cur_idx, *base_idx[-depth:])
                     hit = cache.get(ckey)
@@ -617,6 +661,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="e2e_latency_s",
         choices=SAMPLED,
         help="metric to judge, one with per-round samples (e2e_latency_s)",
+    )
+    p.add_argument(
+        "--attempts",
+        type=_positive,
+        default=3,
+        help="measurements of each workload per process (default 3): the first is the run, "
+        "the others are the re-measurements --llmperf-confirm=2 makes on a red; new pool runs "
+        "use --llmperf-rounds=10xN and are split into N consecutive measurements",
     )
     p.add_argument(
         "--select", metavar="EXPR", help="pytest -k expression to measure a subset, e.g. fp32"

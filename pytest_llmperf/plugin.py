@@ -319,7 +319,9 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
             pytrace=False,
         )
     state = _state(item.config)
-    outcome = state.judge(handle.records, item.stash.get(MARKER, {}), handle.overrides)
+    outcome = state.judge(
+        handle.records, item.stash.get(MARKER, {}), handle.overrides, handle.remeasure
+    )
     item.stash[VERDICTS] = outcome.verdicts
     for record, verdict in zip(handle.records, outcome.verdicts):
         item.user_properties.append((f"llmperf:{record.key}:outcome", record.outcome))

@@ -79,7 +79,11 @@ def _metric(record: dict[str, Any], name: str) -> Optional[float]:
 
 
 def _fmt(record: dict[str, Any], name: str) -> str:
-    value = _metric(record, name)
+    return format_metric(_metric(record, name), name)
+
+
+def format_metric(value: Optional[float], name: str) -> str:
+    """A metric's value for people: ms below a second, tokens/s with one decimal, bytes in MiB."""
     if value is None:
         return "-"
     unit = METRICS[name].unit

@@ -6,6 +6,7 @@ tests with a fake backend and a fake clock. The plugin binds one handle per test
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable
@@ -101,6 +102,8 @@ class LLMPerf:
         self.context = context
         self.cache = cache if cache is not None else ModelCache()
         self.records: list[Record] = []
+        #: key -> a callable measuring the same workload again, for confirming a regression.
+        self.remeasure: dict[str, Callable[[], Record]] = {}
         self.overrides: dict[str, dict[str, Any]] = {}
         self._on_record = on_record
 
@@ -221,36 +224,34 @@ class LLMPerf:
         def call(hook: Any) -> Any:
             return eng.generate(loaded, input_ids, mask, new_tokens, hook)
 
-        try:
-            timing = run_rounds(
+        def attempt(warm: int) -> Timing:
+            return run_rounds(
                 self.backend,
                 call,
                 rounds=rounds,
-                warmup=warmup,
+                warmup=warm,
                 new_tokens=new_tokens,
                 count_new_tokens=lambda out: int(out.shape[-1]) - n_prompt,
             )
-        except Exception as exc:
-            if not is_oom(exc, self.backend):
-                raise
-            self.cache.drop(self.backend)
-            record.outcome, record.note = "oom", f"out of memory while generating: {exc}"
-            return self._finish(record)
 
-        rows = timing.output[:, n_prompt:].tolist()
-        record.output_digest = output_digest(rows, loaded.weight_source)
-        record.output_head = rows[0][:128]
-        self._fill(record, timing, tokens=batch_size * new_tokens)
-        record.metrics["ttft_s"] = MetricValue.from_samples("ttft_s", timing.ttft)
-        record.metrics["tpot_s"] = MetricValue.from_samples("tpot_s", timing.tpot)
-        record.metrics["load_time_s"] = MetricValue("load_time_s", loaded.load_time_s)
-        bandwidth = self.backend.memory_bandwidth_bytes_per_s()
-        tpot = record.value("tpot_s")
-        if bandwidth and tpot:
-            record.metrics["roofline_fraction"] = MetricValue(
-                "roofline_fraction", (loaded.weight_bytes / devices / bandwidth) / tpot
-            )
-        return self._finish(record)
+        def fill(rec: Record, timing: Timing) -> None:
+            rows = timing.output[:, n_prompt:].tolist()
+            rec.output_digest = output_digest(rows, loaded.weight_source)
+            rec.output_head = rows[0][:128]
+            self._fill(rec, timing, tokens=batch_size * new_tokens)
+            rec.metrics["ttft_s"] = MetricValue.from_samples("ttft_s", timing.ttft)
+            rec.metrics["tpot_s"] = MetricValue.from_samples("tpot_s", timing.tpot)
+            rec.metrics["load_time_s"] = MetricValue("load_time_s", loaded.load_time_s)
+            bandwidth = self.backend.memory_bandwidth_bytes_per_s()
+            tpot = rec.value("tpot_s")
+            if bandwidth and tpot:
+                rec.metrics["roofline_fraction"] = MetricValue(
+                    "roofline_fraction", (loaded.weight_bytes / devices / bandwidth) / tpot
+                )
+
+        return self._run(
+            record, attempt, fill, warmup, "while generating", lambda: self.cache.drop(self.backend)
+        )
 
     def measure(
         self,
@@ -274,16 +275,14 @@ class LLMPerf:
             _check_positive("tokens", tokens)
         rounds, warmup = self._rounds(rounds, warmup)
         record = self._new_record(name, {"batch_size": batch_size, "tokens": tokens}, tolerance)
-        try:
-            timing = run_rounds(self.backend, lambda _hook: fn(), rounds=rounds, warmup=warmup)
-        except Exception as exc:
-            if not is_oom(exc, self.backend):
-                raise
-            self.backend.free_memory()
-            record.outcome, record.note = "oom", f"out of memory: {exc}"
-            return self._finish(record)
-        self._fill(record, timing, tokens=batch_size * tokens if tokens else None, main="time_s")
-        return self._finish(record)
+
+        def attempt(warm: int) -> Timing:
+            return run_rounds(self.backend, lambda _hook: fn(), rounds=rounds, warmup=warm)
+
+        def fill(rec: Record, timing: Timing) -> None:
+            self._fill(rec, timing, tokens=batch_size * tokens if tokens else None, main="time_s")
+
+        return self._run(record, attempt, fill, warmup, "", self.backend.free_memory)
 
     def record_error(self, exc: BaseException) -> None:
         """Report a workload that crashed as outcome ``error`` (never gated, never stored).
@@ -357,6 +356,36 @@ class LLMPerf:
         notes = timing.notes + ([busy] if busy else [])
         if notes:
             record.note = "; ".join(notes)
+
+    def _run(
+        self,
+        record: Record,
+        attempt: Callable[[int], Timing],
+        fill: Callable[[Record, Timing], None],
+        warmup: int,
+        where: str,
+        free: Callable[[], None],
+    ) -> Record:
+        """Measure once; keep a way to measure the same workload again (see ``remeasure``)."""
+        try:
+            timing = attempt(warmup)
+        except Exception as exc:
+            if not is_oom(exc, self.backend):
+                raise
+            free()
+            record.outcome = "oom"
+            record.note = f"out of memory{' ' + where if where else ''}: {exc}"
+            return self._finish(record)
+        fill(record, timing)
+
+        def again() -> Record:
+            fresh = dataclasses.replace(record, metrics={}, note="", workload=dict(record.workload))
+            # The model is warm already; one call re-primes caches other tests may have evicted.
+            fill(fresh, attempt(min(warmup, 1)))
+            return fresh
+
+        self.remeasure[record.key] = again
+        return self._finish(record)
 
     def _not_run(self, record: Record, need: int, free: int) -> Record:
         record.outcome = "oom"

@@ -188,6 +188,13 @@ OPTIONS: tuple[Option, ...] = (
         "auto",
     ),
     Option("rounds", "timed rounds per workload (default 10, at least 5)", _int(5), 10),
+    Option(
+        "confirm",
+        "re-measure a regressed workload up to N times; it fails only if every measurement "
+        "regresses (default 2, 0 = off)",
+        _int(0),
+        2,
+    ),
     Option("warmup", "warm-up calls per workload, not timed (default 2)", _int(0), 2),
 )
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import backends, baselines, provenance, report, verdict
 from .backends.base import Backend
@@ -134,11 +134,16 @@ class RunState:
         records: list[Record],
         marker: dict[str, Any],
         overrides: dict[str, dict[str, Any]],
+        remeasure: Optional[dict[str, Callable[[], Record]]] = None,
     ) -> JudgeOutcome:
-        """Verdicts for one test's records, and the failure message when the gate trips."""
+        """Verdicts for one test's records, and the failure message when the gate trips.
+
+        ``records`` is updated in place when a regression was re-measured: the report and any
+        baseline update carry the measurement the verdict was made on.
+        """
         verdicts: list[Optional[verdict.EntryVerdict]] = []
         problems: list[str] = []
-        for record in records:
+        for index, record in enumerate(records):
             if record.outcome == "error":
                 verdicts.append(None)
                 continue
@@ -151,6 +156,10 @@ class RunState:
             runs = base.runs(record.key) if base is not None else []
             gate = self.gate_settings(marker, overrides.get(record.key))
             entry = verdict.judge(record, runs, gate)
+            again = (remeasure or {}).get(record.key)
+            if self.gating and again is not None and _confirmable(entry):
+                record, entry = self._confirm(record, entry, runs, gate, again)
+                records[index] = record
             verdicts.append(entry)
             if not self.gating:
                 continue
@@ -166,9 +175,43 @@ class RunState:
                 )
         return JudgeOutcome(verdicts, "\n".join(problems) if problems else None)
 
+    def _confirm(
+        self,
+        record: Record,
+        entry: verdict.EntryVerdict,
+        runs: list[dict],
+        gate: verdict.GateSettings,
+        again: Callable[[], Record],
+    ) -> tuple[Record, verdict.EntryVerdict]:
+        """Re-measure a regressed workload; it fails only if no measurement passes.
+
+        Noise on shared machines is bursty: a neighbour's job slows one workload for a few
+        seconds (measured here: single runs 1.8x slower, the next workload unaffected). A real
+        regression is still there when measured again; a burst is not.
+        """
+        attempts = [record]
+        while _confirmable(entry) and len(attempts) <= self.settings.confirm:
+            attempts.append(again())
+            best = min(attempts, key=_main_median)
+            entry = verdict.judge(best, runs, gate)
+        best = min(attempts, key=_main_median)
+        medians = ", ".join(
+            report.format_metric(r.metrics[_main_name(r)].value, _main_name(r)) for r in attempts
+        )
+        if entry.failed:
+            word = f"regression confirmed by {len(attempts)} measurements ({medians})"
+        else:
+            word = (
+                f"not confirmed: re-measured {len(attempts) - 1}x ({medians}), judged on the best"
+            )
+        best.note = "; ".join(n for n in (best.note, word) if n)
+        return best, entry
+
     def _failure_text(self, record: Record, entry: verdict.EntryVerdict, runs: list[dict]) -> str:
         lines = [f"{record.key} on {record.device_key}:"]
         lines += [f"  {m.verdict.value}: {m.detail}" for m in entry.failures()]
+        if "confirmed by" in record.note:
+            lines.append("  " + record.note.split("; ")[-1])
         if runs:
             changed = baselines.version_changes(
                 baselines.perf_versions(runs[-1].get("provenance", {})),
@@ -259,5 +302,16 @@ class RunState:
         return report.benchmark_entries(self.rows)
 
 
-def settings_dict(settings: Settings) -> dict[str, Any]:
-    return asdict(settings)
+def _main_name(record: Record) -> str:
+    return "e2e_latency_s" if "e2e_latency_s" in record.metrics else "time_s"
+
+
+def _main_median(record: Record) -> float:
+    value = record.value(_main_name(record))
+    return float("inf") if value is None else value
+
+
+def _confirmable(entry: verdict.EntryVerdict) -> bool:
+    """Failed on measured numbers only: an OOM or a changed output does not go away."""
+    failures = entry.failures()
+    return bool(failures) and all(m.verdict is verdict.Verdict.REGRESSED for m in failures)

@@ -37,6 +37,8 @@ ENV_DEVICES = "FAKE_DEVICES"
 ENV_SDK = "FAKE_SDK_VERSION"
 #: Added to every generated token id: a kernel change that flips the greedy output.
 ENV_OUTPUT_SHIFT = "FAKE_OUTPUT_SHIFT"
+#: "FACTOR:CALLS": the first CALLS generate calls run FACTOR times slower (a neighbour's burst).
+ENV_BURST = "FAKE_BURST"
 
 
 def slowdown() -> float:
@@ -153,6 +155,11 @@ class FakeEngine(Engine):
             backend.advance(COMPILE_S, "compile")
         state["calls"] += 1
         factor = slowdown()
+        burst = os.environ.get(ENV_BURST)
+        if burst:
+            burst_factor, calls = burst.split(":")
+            if state["calls"] <= int(calls):
+                factor *= float(burst_factor)
         produced = new_tokens - self.missing_tokens
         for i in range(produced):
             backend.advance((PREFILL_S if i == 0 else DECODE_S) * factor, "token")

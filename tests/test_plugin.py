@@ -801,6 +801,29 @@ def test_slowdown_fails_with_metric_baseline_now_ratio_tolerance_and_what_change
     )
 
 
+def test_a_burst_of_noise_is_re_measured_and_does_not_fail(recorded, monkeypatch):
+    project, _ = recorded
+    # compile + 2 warm-up + 10 rounds: the whole first measurement is 1.8x slow, not later ones
+    monkeypatch.setenv("FAKE_BURST", "1.8:13")
+    result = project.runpytest(FAKE, "--llmperf-report=out")
+    result.assert_outcomes(passed=1)
+    record = record_of(read_results(project.path / "out"), "test_gen")
+    assert record["metrics"]["e2e_latency_s"]["median"] == steady_e2e(100)
+    assert "not confirmed: re-measured 1x" in record["note"]
+    # without confirmation the same burst is a red test
+    result = project.runpytest(FAKE, "--llmperf-confirm=0")
+    result.assert_outcomes(failed=1)
+
+
+def test_a_real_slowdown_is_confirmed_by_every_re_measurement(recorded, monkeypatch):
+    project, _ = recorded
+    monkeypatch.setenv("FAKE_SLOWDOWN", "1.2")
+    result = project.runpytest(FAKE, "--llmperf-confirm=3", "--llmperf-report=out")
+    result.assert_outcomes(failed=1)
+    record = record_of(read_results(project.path / "out"), "test_gen")
+    assert "regression confirmed by 4 measurements" in record["note"]
+
+
 @pytest.mark.parametrize("how", ["cli", "env"])
 def test_no_gate_measures_and_reports_a_slowdown_without_failing(recorded, monkeypatch, how):
     project, _ = recorded

@@ -408,7 +408,7 @@ def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             f"the pool has {n_runs} runs; a trial needs {k_hist + 1} distinct ones "
             f"(--history {k_hist} baseline runs + 1 current): measure more (--runs)"
         )
-    settings = GateSettings()
+    settings = GateSettings(tolerance=args.tolerance, spread_multiple=args.spread_multiple)
     rules: dict[str, Rule] = {f"default rule, K={k_hist}": rule_default(settings)}
     for k in args.short_history:
         if k < k_hist:
@@ -661,6 +661,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="e2e_latency_s",
         choices=SAMPLED,
         help="metric to judge, one with per-round samples (e2e_latency_s)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=GateSettings().tolerance,
+        help="tolerance of the default rule (--llmperf-tolerance; default 0.03)",
+    )
+    p.add_argument(
+        "--spread-multiple",
+        type=float,
+        default=GateSettings().spread_multiple,
+        help="k in max(tolerance, k x between-run CV) of the default rule (default 2)",
     )
     p.add_argument(
         "--attempts",

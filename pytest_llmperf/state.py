@@ -111,7 +111,10 @@ class RunState:
 
     # -- the gate ------------------------------------------------------------------------
     def gate_settings(
-        self, marker: dict[str, Any], override: Optional[dict[str, Any]]
+        self,
+        marker: dict[str, Any],
+        override: Optional[dict[str, Any]],
+        measured: Optional[set[str]] = None,
     ) -> verdict.GateSettings:
         tolerance = dict(self.settings.tolerance)
         tolerance.update(marker.get("tolerance", {}))
@@ -122,7 +125,13 @@ class RunState:
             "tolerance": default,
             "tolerances": tolerance,
             "alpha": marker.get("alpha", self.settings.alpha),
-            "limits": marker.get("limits", {}),
+            # A test may mix workloads (generate and measure): a limit applies to those that
+            # measure its metric; judge() reports a limit that no workload could meet.
+            "limits": {
+                k: v
+                for k, v in marker.get("limits", {}).items()
+                if measured is None or k[4:] in measured
+            },
             "check_outputs": bool(self.settings.check_outputs),
         }
         if "gate" in marker:
@@ -143,6 +152,15 @@ class RunState:
         """
         verdicts: list[Optional[verdict.EntryVerdict]] = []
         problems: list[str] = []
+        measured_anywhere = {
+            n for r in records for n, m in r.metrics.items() if m.value is not None
+        }
+        for limit in marker.get("limits", {}):
+            if limit[4:] not in measured_anywhere and any(r.outcome == "ok" for r in records):
+                problems.append(
+                    f"marker llmperf({limit}=...): no workload of this test measures "
+                    f"{limit[4:]} (measured: {', '.join(sorted(measured_anywhere))})"
+                )
         for index, record in enumerate(records):
             if record.outcome == "error":
                 verdicts.append(None)
@@ -154,7 +172,8 @@ class RunState:
                 problems.append(f"{record.key}: {exc}")
                 continue
             runs = base.runs(record.key) if base is not None else []
-            gate = self.gate_settings(marker, overrides.get(record.key))
+            measured = {n for n, m in record.metrics.items() if m.value is not None}
+            gate = self.gate_settings(marker, overrides.get(record.key), measured)
             entry = verdict.judge(record, runs, gate)
             again = (remeasure or {}).get(record.key)
             if self.gating and again is not None and _confirmable(entry):

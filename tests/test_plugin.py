@@ -1151,3 +1151,42 @@ def test_xdist_workers_send_their_records_to_the_controller(project):
     for n in (10, 20, 30, 40):
         result.stdout.re_match_lines([rf"test_gen\[new_tokens={n}\]\s+fake\s+ok\s"])
     result.stdout.fnmatch_lines_random([f"{key}: added (1 run)" for key in keys])
+
+
+MIXED = """
+    import pytest
+
+    @pytest.mark.llmperf(max_ms_per_token={limit})
+    def test_mixed(llmperf):
+        llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=100, name="gen")
+        llmperf.measure(lambda: None, name="plain")
+"""
+
+
+def test_a_limit_applies_to_the_workloads_that_measure_its_metric(project):
+    # ms_per_token of the fake is ~8.4 ms: a 1000 ms limit passes, and the plain callable
+    # (no tokens, so no ms_per_token) is not held to it.
+    project.makepyfile(test_mixed=MIXED.format(limit=1000))
+    project.runpytest(FAKE).assert_outcomes(passed=1)
+    project.makepyfile(test_mixed=MIXED.format(limit=1))
+    result = project.runpytest(FAKE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*above the absolute limit max_ms_per_token=1*"])
+
+
+def test_a_limit_no_workload_measures_fails_with_a_clear_message(project):
+    project.makepyfile(
+        test_plain="""
+        import pytest
+
+        @pytest.mark.llmperf(max_ms_per_token=5)
+        def test_plain(llmperf):
+            llmperf.measure(lambda: None)
+        """
+    )
+    result = project.runpytest(FAKE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*marker llmperf(max_ms_per_token=...): no workload of this test measures ms_per_token*"]
+    )
+    no_traceback(result)

@@ -165,7 +165,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("label", "keep a separate baseline set: baselines/<device-key>@<label>/", _label, None),
     Option(
         "tolerance",
-        "allowed worsening as a fraction (default 0.03), or metric=fraction,…",
+        "allowed worsening as a fraction (default: the backend's, 0.03; cpu 0.08), or "
+        "metric=fraction,…",
         parse_tolerance,
         {"*": 0.03},
     ),

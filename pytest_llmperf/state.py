@@ -76,11 +76,17 @@ class RunState:
 
     def describe(self) -> str:
         mode = "updating baselines" if self.updating else ("gate on" if self.gating else "no gate")
-        tol = self.settings.tolerance.get("*", 0.03)
+        if self.settings.sources.get("tolerance") == "default":
+            tol = ", ".join(
+                f"{b} {backends.get_backend(b).default_tolerance:.1%}"
+                for b in self.selected_backends
+            )
+        else:
+            tol = f"{self.settings.tolerance.get('*', 0.03):.1%}"
         return (
             f"baselines {self.baselines_root}"
             + (f" (label {self.settings.label})" if self.settings.label else "")
-            + f"; {mode}; tolerance {tol:.1%}, alpha {self.settings.alpha}; "
+            + f"; {mode}; tolerance {tol}, alpha {self.settings.alpha}; "
             f"{self.settings.rounds} rounds after {self.settings.warmup} warm-up"
         )
 
@@ -115,8 +121,11 @@ class RunState:
         marker: dict[str, Any],
         override: Optional[dict[str, Any]],
         measured: Optional[set[str]] = None,
+        backend: Optional[str] = None,
     ) -> verdict.GateSettings:
         tolerance = dict(self.settings.tolerance)
+        if self.settings.sources.get("tolerance") == "default" and backend is not None:
+            tolerance["*"] = backends.get_backend(backend).default_tolerance
         tolerance.update(marker.get("tolerance", {}))
         if override:
             tolerance.update(override.get("tolerance", {}))
@@ -173,7 +182,7 @@ class RunState:
                 continue
             runs = base.runs(record.key) if base is not None else []
             measured = {n for n, m in record.metrics.items() if m.value is not None}
-            gate = self.gate_settings(marker, overrides.get(record.key), measured)
+            gate = self.gate_settings(marker, overrides.get(record.key), measured, record.backend)
             entry = verdict.judge(record, runs, gate)
             again = (remeasure or {}).get(record.key)
             if self.gating and again is not None and _confirmable(entry):

@@ -339,7 +339,7 @@ def _num(v: float) -> str:
 
 
 def format_value(value: float | None, unit: str) -> str:
-    """A number with its unit: 4 significant digits; bytes as B/KiB/MiB/GiB."""
+    """A number with its unit: 4 significant digits; seconds below 1 as ms; bytes in KiB…GiB."""
     if value is None:
         return "n/a"
     if unit == "B":
@@ -350,6 +350,8 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:.0f} B"
     if unit == "1":
         return _num(value)
+    if unit == "s" and 0 < abs(value) < 1:
+        return f"{_num(value * 1000)} ms"  # latencies read in ms: 81.23 ms, not 0.08123 s
     return f"{_num(value)} {unit}"
 
 

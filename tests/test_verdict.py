@@ -101,7 +101,8 @@ def test_first_divergence():
 
 
 def test_format_value():
-    assert format_value(0.081234, "s") == "0.08123 s"
+    assert format_value(0.081234, "s") == "81.23 ms"
+    assert format_value(1.5, "s") == "1.5 s"
     assert format_value(123.456, "s") == "123.5 s"
     assert format_value(12.3456, "ms") == "12.35 ms"
     assert format_value(12345.6, "tokens/s") == "12346 tokens/s"

@@ -45,6 +45,8 @@ class Backend:
     #: Environment variables that change performance; recorded in provenance, not in the key.
     env_vars: ClassVar[tuple[str, ...]] = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
     default_dtype: ClassVar[str] = "bf16"
+    #: Allowed worsening when the user sets none (--llmperf-tolerance, ini, env, marker).
+    default_tolerance: ClassVar[float] = 0.03
     dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
 
     _probe: Probe | None = None

@@ -36,6 +36,10 @@ class CpuBackend(Backend):
     name: ClassVar[str] = "cpu"
     torch_device: ClassVar[str] = "cpu"
     default_dtype: ClassVar[str] = "fp32"
+    # Measured on a shared 2-vCPU VM (benchmarks/gate_quality.py, 24 processes): run medians
+    # scatter with sigma ~3.7%, so 3% gave 17% false alarms per comparison; 8% with the
+    # re-measurement confirmation gave 0.6%. Dedicated accelerators keep 3%.
+    default_tolerance: ClassVar[float] = 0.08
     env_vars: ClassVar[tuple[str, ...]] = (
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",

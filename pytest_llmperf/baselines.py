@@ -621,7 +621,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a crash at any point leaves old or new, whole."""
     data = text.encode("utf-8")
     tmp = _temp_name(path)
@@ -753,12 +753,16 @@ def update(
             entries[key] = history
             changes.append(change)
         merged = BaselineFile(path=path, suite=suite, device=device, entries=entries)
-        _atomic_write(path, dumps(merged.to_json()))
+        atomic_write(path, dumps(merged.to_json()))
     return changes
 
 
 def prune(
-    root: _PathLike, live_keys: set[tuple[str, str]], *, dry_run: bool = True
+    root: _PathLike,
+    live_keys: set[tuple[str, str]],
+    *,
+    dry_run: bool = True,
+    devices: set[str] | None = None,
 ) -> list[tuple[Path, str]]:
     """Entries under ``root`` that no collected test produces: ``(file, key)``, sorted.
 
@@ -767,9 +771,14 @@ def prune(
     rewritten atomically under its lock (re-read there, so a concurrent update survives), a
     file left empty deleted, and an emptied device directory removed. The caller must collect
     the whole suite: keys outside a ``-k`` selection look dead.
+
+    ``devices`` (device keys) limits pruning to those devices' directories (labels included):
+    a CPU box collects only the tiny models, so every accelerator entry would look dead.
     """
     dead: list[tuple[Path, str]] = []
-    for (_device, suite), loaded in load_dir(root).items():
+    for (device, suite), loaded in load_dir(root).items():
+        if devices is not None and device.split("@", 1)[0] not in devices:
+            continue
         dead.extend(
             (loaded.path, key) for key in sorted(loaded.entries) if (suite, key) not in live_keys
         )
@@ -786,7 +795,7 @@ def prune(
             entries = {k: v for k, v in current.entries.items() if k not in keys}
             if entries:
                 current.entries = entries
-                _atomic_write(file, dumps(current.to_json()))
+                atomic_write(file, dumps(current.to_json()))
             else:
                 file.unlink()
                 _fsync_dir(file.parent)

@@ -155,6 +155,7 @@ def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     changes: dict[str, set[str]] = {}
+    unchanged = 0
     for where in sorted(set(old_files) | set(new_files)):
         before = old_files.get(where)
         after = new_files.get(where)
@@ -171,7 +172,13 @@ def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
                     f"| {label} | `{key}` | | (none) | {new_runs[-1].get('outcome')} | | added |"
                 )
                 continue
-            latest = new_runs[-1]
+            # Runs both sides hold are history, not change: compare what NEW added.
+            known = {json.dumps(r, sort_keys=True) for r in old_runs}
+            fresh = [r for r in new_runs if json.dumps(r, sort_keys=True) not in known]
+            if not fresh:
+                unchanged += 1
+                continue
+            latest = fresh[-1]
             changed = baselines.version_changes(
                 baselines.perf_versions(old_runs[-1].get("provenance", {})),
                 baselines.perf_versions(latest.get("provenance", {})),
@@ -194,10 +201,13 @@ def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
                 unit = METRICS[name].unit
                 ratio = f"×{mv.ratio:.3f}" if mv.ratio is not None else ""
                 p = f", p={mv.p_value:.2g}" if mv.p_value is not None else ""
+                gated = "" if mv.gated or mv.verdict is Verdict.PASS else " (not gated)"
                 lines.append(
                     f"| {label} | `{key}` | {name} | {format_value(mv.baseline, unit)} | "
-                    f"{format_value(mv.current, unit)} | {ratio} | {mv.verdict.value}{p} |"
+                    f"{format_value(mv.current, unit)} | {ratio} | {mv.verdict.value}{p}{gated} |"
                 )
+    if unchanged:
+        lines += ["", f"{unchanged} entries unchanged (no run added on the new side)."]
     if changes:
         lines += ["", "Versions that changed:"]
         for label, items in sorted(changes.items()):
@@ -224,8 +234,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 # -- baselines prune -----------------------------------------------------------------------------
 
 
-def collected_keys(pytest_args: Sequence[str]) -> set[tuple[str, str]]:
-    """(suite, key) of every test the given pytest arguments collect, from a subprocess."""
+def collected_keys(pytest_args: Sequence[str]) -> tuple[set[tuple[str, str]], set[str]]:
+    """(suite, key) of every test the pytest arguments collect (before -k/-m deselection),
+    and the device keys of this node's usable backends, from a subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "keys.json"
         cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", *pytest_args]
@@ -236,19 +247,37 @@ def collected_keys(pytest_args: Sequence[str]) -> set[tuple[str, str]]:
                 f"collecting tests failed ({' '.join(cmd[2:])}, exit {proc.returncode}):\n"
                 + (proc.stdout + proc.stderr).strip()[-2000:]
             )
-        return {(s, k) for s, k in json.loads(out.read_text())}
+        data = json.loads(out.read_text())
+        return {(s, k) for s, k in data["keys"]}, set(data["devices"])
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    rest = [a for a in args.pytest_args if a != "--"]
+    # `prune suites --yes` reads naturally; REMAINDER would hand --yes/--dir to pytest.
+    if "--yes" in rest:
+        rest.remove("--yes")
+        args.yes = True
+    for i, a in enumerate(list(rest)):
+        if a == "--dir" and i + 1 < len(rest):
+            args.dir = rest[i + 1]
+            del rest[i : i + 2]
+            break
+        if a.startswith("--dir="):
+            args.dir = a.split("=", 1)[1]
+            rest.remove(a)
+            break
     root = _baseline_dir(args.dir)
-    live = collected_keys([a for a in args.pytest_args if a != "--"])
+    live, devices = collected_keys(rest)
     # Named workloads ("key:name") exist only at run time; they live while their test does.
     for (_device, suite), bf in baselines.load_dir(root).items():
         live |= {(suite, k) for k in bf.entries if (suite, k.split(":", 1)[0]) in live}
-    stale = baselines.prune(Path(args.dir), live, dry_run=not args.yes)
+    only = None if args.all_devices else devices
+    stale = baselines.prune(root, live, dry_run=not args.yes, devices=only)
+    scope = "every device" if only is None else ", ".join(sorted(only)) or "no device"
     if not stale:
-        print(f"nothing to prune: every entry under {args.dir} is produced by a collected test")
+        print(f"nothing to prune under {args.dir} ({scope}): every entry is produced by a test")
         return 0
+    print(f"pruning entries of {scope} (other devices' entries are kept; --all-devices for all)")
     verb = "removed" if args.yes else "would remove"
     for path, key in stale:
         print(f"{verb}: {path}: {key}")
@@ -314,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune = bsub.add_parser("prune", help="remove entries no collected test produces")
     prune.add_argument("--dir", default="baselines")
     prune.add_argument("--yes", action="store_true", help="really remove (default: dry run)")
+    prune.add_argument(
+        "--all-devices",
+        action="store_true",
+        help="also prune devices this node does not have (their tests may not be collected here)",
+    )
     prune.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest args to collect")
     prune.set_defaults(func=cmd_prune)
 

@@ -160,12 +160,15 @@ def _param_text(value: Any) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # tryfirst: the backend marks must exist before `-m cpu` deselects.
+    state = _state(config)
     for item in items:
         names = getattr(item, "fixturenames", ())
         for fixture, backend in BACKEND_FIXTURES.items():
             if fixture in names:
                 item.add_marker(getattr(pytest.mark, backend))
         item.stash[KEY] = baseline_key(item)
+        # Before -k/-m deselect: `llmperf baselines prune` must see every key the files produce.
+        state.collected_keys.add((Path(str(item.path)).stem, item.stash[KEY]))
         marker = item.get_closest_marker("llmperf")
         try:
             item.stash[MARKER] = S.parse_marker(marker.kwargs, item.nodeid) if marker else {}
@@ -184,14 +187,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # `llmperf baselines prune` collects in a subprocess and reads the keys back from here.
     out = os.environ.get("LLMPERF_KEYS_OUT")
     if out and not hasattr(session.config, "workerinput"):
-        keys = sorted(
-            {
-                (Path(str(item.path)).stem, item.stash[KEY])
-                for item in session.items
-                if KEY in item.stash
-            }
-        )
-        Path(out).write_text(json.dumps(keys))
+        state = _state(session.config)
+        devices = []
+        for name in state.selected_backends:
+            backend = backends.get_backend(name)
+            if backend.probe().available:
+                devices.append(state.device_key(backend))
+        data = {"keys": sorted(state.collected_keys), "devices": devices}
+        Path(out).write_text(json.dumps(data))
 
 
 def _devices_count(marker: pytest.Mark, where: str) -> int:

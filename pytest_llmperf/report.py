@@ -7,14 +7,13 @@ serve the live run, pytest-xdist controllers and ``llmperf report`` over saved f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__
+from .baselines import atomic_write
 from .metrics import METRICS
 from .verdict import EntryVerdict, format_value
 
@@ -34,20 +33,6 @@ def verdict_json(entry: Optional[EntryVerdict]) -> Optional[dict[str, Any]]:
     }
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(directory: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
     """Rewrite results.json atomically: a run killed mid-way keeps every finished test."""
     data = {
@@ -57,6 +42,7 @@ def write_results(directory: Path, rows: list[dict[str, Any]], info: dict[str, A
         "results": rows,
     }
     path = Path(directory) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
@@ -103,6 +89,8 @@ def verdict_word(row: dict[str, Any]) -> str:
         return "error"
     if v is None:
         return "not judged"
+    if "inconclusive:" in record.get("note", ""):
+        return "inconclusive"
     # Under --llmperf-no-gate (or while updating) a regression is reported, not a failure.
     return ("FAIL " if v["failed"] and row.get("gate", True) else "") + v["worst"]
 
@@ -130,7 +118,9 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 HEADER = ["test", "backend", "outcome", "median e2e", "ms/token", "tokens/s", "peak mem", "verdict"]
 
 
-def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
+def terminal_table(
+    rows: list[dict[str, Any]], width: int = 120, updating: bool = False
+) -> list[str]:
     if not rows:
         return []
     body = _table_rows(rows)
@@ -172,7 +162,7 @@ def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     if details:
         lines += ["verdicts:", *details]
     missing = sum(1 for row in rows if (row.get("verdict") or {}).get("worst") == "no-baseline")
-    if missing:
+    if missing and not updating:
         lines.append(
             f"{missing} workload(s) have no baseline: record them with "
             "`llmperf baselines record --runs 3 <pytest args>`"
@@ -207,6 +197,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
                 ratio = f"×{m['ratio']:.3f}" if m.get("ratio") is not None else ""
                 failed = m["failed"] and row.get("gate", True)
                 word = ("**FAIL** " if failed else "") + m["verdict"]
+                if not m["gated"] and m["verdict"] != "pass":
+                    word += " (not gated)"
                 out.append(
                     f"| `{r['key']}` | {m['metric']} | {format_value(m['baseline'], unit)} | "
                     f"{format_value(m['current'], unit)} | {ratio} | {word} |"
@@ -275,4 +267,5 @@ def write_benchmark_json(path: str, entries: list[dict[str, Any]]) -> None:
         "datetime": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "version": pb_version,
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), json.dumps(data, indent=4) + "\n")

@@ -18,6 +18,8 @@ from .measure import Timing, run_rounds
 from .results import MetricValue, Record
 
 GiB = 2**30
+#: Starts the note of a record measured while other processes competed for the CPU.
+BUSY_NOTE = "machine busy"
 
 
 class UsageError(Exception):
@@ -49,7 +51,7 @@ def output_digest(token_rows: Iterable[Iterable[int]], weight_source: str) -> st
     h = hashlib.sha256(weight_source.encode())
     for row in token_rows:
         h.update(b"|" + ",".join(str(int(t)) for t in row).encode())
-    return "sha256:" + h.hexdigest()[:32]
+    return "sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -414,7 +416,7 @@ def busy_note() -> Optional[str]:
         return None
     cpus = os.cpu_count() or 1
     if load > cpus * 1.25 + 0.5:
-        return f"machine busy: load average {load:.1f} on {cpus} CPUs during the rounds"
+        return f"{BUSY_NOTE}: load average {load:.1f} on {cpus} CPUs during the rounds"
     return None
 
 

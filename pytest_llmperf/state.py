@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from . import backends, baselines, provenance, report, verdict
 from .backends.base import Backend
 from .results import Record
-from .runner import ModelCache
+from .runner import BUSY_NOTE, ModelCache
 from .settings import Settings
 
 
@@ -35,6 +35,7 @@ class RunState:
     benchmark_json: Optional[str] = None
     cache: ModelCache = field(default_factory=ModelCache)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    collected_keys: set[tuple[str, str]] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     changes: list[baselines.Change] = field(default_factory=list)
     _device_keys: dict[str, str] = field(default_factory=dict)
@@ -191,6 +192,12 @@ class RunState:
             verdicts.append(entry)
             if not self.gating:
                 continue
+            busy = BUSY_NOTE in record.note and not self.settings.strict
+            if busy and _confirmable(entry) and not all(m.limit for m in entry.failures()):
+                # Numbers taken while other processes fought for the CPU say nothing about
+                # the code; a red here would be noise. --llmperf-strict fails it anyway.
+                record.note += "; inconclusive: regressed while the machine was busy"
+                continue
             if entry.failed:
                 problems.append(self._failure_text(record, entry, runs))
             elif self.settings.strict and entry.worst is verdict.Verdict.NO_BASELINE:
@@ -218,13 +225,17 @@ class RunState:
         regression is still there when measured again; a burst is not.
         """
         attempts = [record]
+        first_failure = entry.failures()[0].metric
         while _confirmable(entry) and len(attempts) <= self.settings.confirm:
             attempts.append(again())
             best = min(attempts, key=_main_median)
             entry = verdict.judge(best, runs, gate)
         best = min(attempts, key=_main_median)
+        # The numbers of the metric that failed first, so the note speaks of what the gate saw.
+        name = first_failure
         medians = ", ".join(
-            report.format_metric(r.metrics[_main_name(r)].value, _main_name(r)) for r in attempts
+            report.format_metric(r.value(name), name) if name in r.metrics else "-"
+            for r in attempts
         )
         if entry.failed:
             word = f"regression confirmed by {len(attempts)} measurements ({medians})"
@@ -237,9 +248,18 @@ class RunState:
 
     def _failure_text(self, record: Record, entry: verdict.EntryVerdict, runs: list[dict]) -> str:
         lines = [f"{record.key} on {record.device_key}:"]
-        lines += [f"  {m.verdict.value}: {m.detail}" for m in entry.failures()]
+        lines += [
+            f"  {'over the limit' if m.limit else m.verdict.value}: {m.detail}"
+            for m in entry.failures()
+        ]
         if "confirmed by" in record.note:
             lines.append("  " + record.note.split("; ")[-1])
+        if all(m.limit for m in entry.failures()):
+            lines.append(
+                "  an absolute limit of the marker llmperf(...): raise it there if the new "
+                "numbers are acceptable"
+            )
+            return "\n".join(lines)
         if runs:
             changed = baselines.version_changes(
                 baselines.perf_versions(runs[-1].get("provenance", {})),
@@ -319,7 +339,7 @@ class RunState:
                 self.errors.append(f"baselines not updated: {exc}")
 
     def summary_lines(self, width: int = 120) -> list[str]:
-        lines = report.terminal_table(self.rows, width=width)
+        lines = report.terminal_table(self.rows, width=width, updating=self.updating)
         if self.updating:
             lines.append("= llmperf baselines")
             lines += [str(c) for c in self.changes] or ["no baseline changed"]

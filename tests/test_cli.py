@@ -165,8 +165,9 @@ def test_diff_shows_old_new_ratio_and_the_versions_that_changed(tmp_path, capsys
         "×1.200",
     ]
     assert cells[7].startswith("regressed")
-    same = next(line for line in lines if "`test_same` | e2e_latency_s" in line)
-    assert "×1.000" in same and "| pass" in same
+    # test_same holds the very same run on both sides: history, not a change.
+    assert not any("`test_same`" in line for line in lines)
+    assert "1 entries unchanged (no run added on the new side)." in lines
     assert any("`test_gone`" in line and "(removed)" in line for line in lines)
     assert any("`test_new`" in line and "added" in line for line in lines)
     assert lines[-2:] == ["Versions that changed:", "- fake-chip / test_lat: torch 2.1.0 → 2.2.0"]
@@ -301,6 +302,9 @@ def test_record_stops_at_the_first_failing_run(project, capfd):
     assert not (project.path / "baselines").exists()
 
 
+SCOPE = "pruning entries of fake-chip (other devices' entries are kept; --all-devices for all)"
+
+
 def _stale_project(project: pytest.Pytester) -> tuple[Path, Path]:
     project.makepyfile(test_prj=MEASURED)
     root = project.path / "baselines"
@@ -329,6 +333,7 @@ def test_prune_dry_run_lists_entries_no_collected_test_produces(project, capfd):
     before = live.read_bytes(), dead.read_bytes()
     _, lines = _prune(False, capfd)
     assert lines == [
+        SCOPE,
         "would remove: baselines/fake-chip/test_old.json: test_x",
         "would remove: baselines/fake-chip/test_prj.json: test_gone",
         "2 stale entries; run again with --yes to remove them",
@@ -340,6 +345,7 @@ def test_prune_yes_removes_them_and_keeps_named_workloads_of_live_tests(project,
     live, dead = _stale_project(project)
     _, lines = _prune(True, capfd)
     assert lines == [
+        SCOPE,
         "removed: baselines/fake-chip/test_old.json: test_x",
         "removed: baselines/fake-chip/test_prj.json: test_gone",
     ]
@@ -351,8 +357,31 @@ def test_prune_yes_removes_them_and_keeps_named_workloads_of_live_tests(project,
     ]
     _, lines = _prune(True, capfd)
     assert lines == [
-        "nothing to prune: every entry under baselines is produced by a collected test"
+        "nothing to prune under baselines (fake-chip): every entry is produced by a test"
     ]
+
+
+def test_prune_keeps_other_devices_entries_and_takes_yes_after_the_paths(project, capfd):
+    """A CPU box collects only tiny models: a Gaudi entry must not look stale there."""
+    _stale_project(project)
+    gaudi = record("test_gone", suite="test_prj", device="hpu-gaudi2", backend="hpu")
+    other = store(project.path / "baselines", gaudi, suite="test_prj", device="hpu-gaudi2")
+    before = other.read_bytes()
+    code = cli.main(["baselines", "prune", "--", FAKE, "-p", "no:cacheprovider", "--yes"])
+    out, _ = capfd.readouterr()
+    assert code == 0 and "removed: baselines/fake-chip/test_prj.json: test_gone" in out
+    assert other.read_bytes() == before
+    code = cli.main(["baselines", "prune", "--all-devices", "--", FAKE, "-p", "no:cacheprovider"])
+    out, _ = capfd.readouterr()
+    assert "would remove: baselines/hpu-gaudi2/test_prj.json: test_gone" in out
+
+
+def test_prune_does_not_call_deselected_tests_stale(project, capfd):
+    _stale_project(project)
+    code = cli.main(["baselines", "prune", "--", FAKE, "-p", "no:cacheprovider", "-k", "test_a"])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert "test_b:first" not in out and "test_prj.json: test_gone" in out
 
 
 def test_prune_of_a_missing_baselines_directory_is_a_one_line_error(project, capfd):

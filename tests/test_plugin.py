@@ -9,6 +9,7 @@ nothing depends on how fast this machine is.
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -1190,3 +1191,28 @@ def test_a_limit_no_workload_measures_fails_with_a_clear_message(project):
         ["*marker llmperf(max_ms_per_token=...): no workload of this test measures ms_per_token*"]
     )
     no_traceback(result)
+
+
+def test_a_regression_measured_on_a_busy_machine_is_inconclusive_not_red(recorded, monkeypatch):
+    project, _ = recorded
+    monkeypatch.setenv("FAKE_SLOWDOWN", "1.2")
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    result = project.runpytest(FAKE)
+    result.assert_outcomes(passed=1)
+    result.stdout.re_match_lines([r"test_gen\s+fake\s+ok\s.*inconclusive$"])
+    result.stdout.fnmatch_lines(["*machine busy: load average 50.0*inconclusive*"])
+    # --llmperf-strict trusts no excuse
+    project.runpytest(FAKE, "--llmperf-strict").assert_outcomes(failed=1)
+
+
+def test_a_broken_limit_says_so_and_points_at_the_marker_not_at_updating(project):
+    project.makepyfile(test_mixed=MIXED.format(limit=1))
+    result = project.runpytest(FAKE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  over the limit: ms_per_token * above the absolute limit max_ms_per_token=1*",
+            "*raise it there if the new numbers are acceptable",
+        ]
+    )
+    assert "--llmperf-update-baselines (or" not in result.stdout.str()

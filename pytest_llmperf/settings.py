@@ -8,6 +8,7 @@ what is allowed, because a perf gate that silently falls back to a default gates
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -289,7 +290,10 @@ def parse_marker(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
                     raise SettingError("expected a number") from None
             else:
                 allowed = ", ".join((*MARKER_KEYS, "max_<metric>", "min_<metric>"))
-                raise SettingError(f"unknown keyword {key!r}; allowed: {allowed}")
+                known = [*MARKER_KEYS, *(f"{b}_{m}" for b in ("max", "min") for m in METRICS)]
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SettingError(f"unknown keyword {key!r}{hint}; allowed: {allowed}")
         except SettingError as exc:
             raise SettingError(f"{source}: {exc}") from None
     if limits:

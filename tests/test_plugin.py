@@ -442,7 +442,7 @@ def test_marker_with_an_unknown_keyword_is_a_usage_error(project):
     assert result.ret == USAGE_ERROR
     line = one_line_error(result)
     assert "test_gen" in line
-    assert "unknown keyword 'tolerence'; allowed: tolerance, alpha, rounds" in line
+    assert "unknown keyword 'tolerence' (did you mean 'tolerance'?); allowed: tolerance" in line
     no_traceback(result)
 
 

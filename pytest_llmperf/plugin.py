@@ -68,7 +68,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE] = RunState.create(
         settings,
         rootdir=Path(config.rootpath),
-        worker=hasattr(config, "workerinput"),
     )
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(config), "llmperf-collector")

@@ -8,8 +8,6 @@ from typing import Any
 
 from .metrics import METRICS, metric
 
-OUTCOMES = ("ok", "oom", "error")
-
 
 @dataclass
 class MetricValue:

@@ -200,8 +200,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("warmup", "warm-up calls per workload, not timed (default 2)", _int(0), 2),
 )
 
-OPTION_BY_NAME = {o.name: o for o in OPTIONS}
-
 
 @dataclass
 class Settings:

@@ -30,7 +30,6 @@ class JudgeOutcome:
 class RunState:
     settings: Settings
     rootdir: Path
-    worker: bool
     selected_backends: list[str]
     benchmark_json: Optional[str] = None
     cache: ModelCache = field(default_factory=ModelCache)
@@ -49,12 +48,10 @@ class RunState:
         settings: Settings,
         *,
         rootdir: Path,
-        worker: bool = False,
     ) -> RunState:
         return cls(
             settings=settings,
             rootdir=rootdir,
-            worker=worker,
             selected_backends=backends.select(settings.backend),
         )
 

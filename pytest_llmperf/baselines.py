@@ -369,13 +369,21 @@ class _Checker:
             mfield = _sub(_sub(field, "metrics"), name)
             if not isinstance(summary, dict):
                 self.fail(mfield, "an object with median and samples", summary)
-            self.get(summary, mfield, "median", lambda v: v is None or _is_number(v), "a number")
+            # Every metric is a duration, a size, a rate or a fraction: never negative. A
+            # negative median (a hand edit gone wrong) would make every run "regressed".
+            self.get(
+                summary,
+                mfield,
+                "median",
+                lambda v: v is None or (_is_number(v) and v >= 0),
+                "a number ≥ 0",
+            )
             samples = self.get(
                 summary, mfield, "samples", lambda v: isinstance(v, list), "a list of numbers"
             )
             for i, sample in enumerate(samples):
-                if not _is_number(sample):
-                    self.fail(f"{mfield}.samples[{i}]", "a number", sample)
+                if not _is_number(sample) or sample < 0:
+                    self.fail(f"{mfield}.samples[{i}]", "a number ≥ 0", sample)
             self.get(
                 summary, mfield, "unit", lambda v: isinstance(v, str), "a string", required=False
             )

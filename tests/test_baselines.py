@@ -291,7 +291,13 @@ CORRUPT = {
         _edit(
             lambda d: d["entries"]["k"]["runs"][0]["metrics"]["e2e_latency_s"].update(median="abc")
         ),
-        "entries['k'].runs[0].metrics.e2e_latency_s.median: expected a number, got 'abc'",
+        "entries['k'].runs[0].metrics.e2e_latency_s.median: expected a number ≥ 0, got 'abc'",
+    ),
+    "negative-median": (
+        _edit(
+            lambda d: d["entries"]["k"]["runs"][0]["metrics"]["e2e_latency_s"].update(median=-1.0)
+        ),
+        "entries['k'].runs[0].metrics.e2e_latency_s.median: expected a number ≥ 0, got -1.0",
     ),
     "bad-sample": (
         _edit(
@@ -299,7 +305,7 @@ CORRUPT = {
                 True
             )
         ),
-        "metrics.e2e_latency_s.samples[3]: expected a number, got true",
+        "metrics.e2e_latency_s.samples[3]: expected a number ≥ 0, got true",
     ),
     "error-outcome": (
         _edit(lambda d: d["entries"]["k"]["runs"][0].update(outcome="error")),

@@ -171,16 +171,22 @@ def terminal_table(
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    """One table per backend: test, metric, baseline, now, ratio, verdict."""
-    by_backend: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    """One table per backend and device (and node, when results of several are merged):
+    test, metric, baseline, now, ratio, verdict."""
+
+    def host(row: dict[str, Any]) -> str:
+        return str(row["record"].get("provenance", {}).get("hostname") or "?")
+
+    several_nodes = len({host(row) for row in rows}) > 1
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_backend[row["record"]["backend"]].append(row)
+        r = row["record"]
+        groups[(r["backend"], r["device_key"], host(row) if several_nodes else "")].append(row)
     out = ["# llmperf summary", ""]
     if not rows:
         out.append("No benchmark ran.")
-    for backend, group in sorted(by_backend.items()):
-        devices = sorted({r["record"]["device_key"] for r in group})
-        out += [f"## {backend} ({', '.join(devices)})", ""]
+    for (backend, device, node), group in sorted(groups.items()):
+        out += [f"## {backend}: {device}" + (f" on {node}" if node else ""), ""]
         out += ["| test | metric | baseline | now | ratio | verdict |", "|---|---|---|---|---|---|"]
         for row in group:
             r = row["record"]

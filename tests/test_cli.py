@@ -223,15 +223,15 @@ def test_report_merges_results_from_several_nodes(tmp_path, capsys, monkeypatch)
     b = _results(tmp_path / "node-b", record("test_b", 2.0, device="cpu-x-2t", backend="cpu"))
     code, out, _ = run_cli(capsys, "report", str(a), str(b))
     assert code == 0
-    assert "## fake (fake-chip)" in out
-    assert "## cpu (cpu-x-2t)" in out
+    assert "## fake: fake-chip" in out
+    assert "## cpu: cpu-x-2t" in out
     assert "`test_a`" in out and "`test_b`" in out
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_cli(capsys, "report", str(a), str(b), "-o", "merged.md")
     assert code == 0
     assert out.strip() == "wrote merged.md (2 results from 2 files)"
     merged = (tmp_path / "merged.md").read_text()
-    assert "## fake (fake-chip)" in merged and "## cpu (cpu-x-2t)" in merged
+    assert "## fake: fake-chip" in merged and "## cpu: cpu-x-2t" in merged
 
 
 def test_report_of_a_file_that_is_not_results_is_a_one_line_error(tmp_path, capsys):
@@ -390,3 +390,16 @@ def test_prune_of_a_missing_baselines_directory_is_a_one_line_error(project, cap
     _, err = capfd.readouterr()
     assert code == 2
     assert err.strip() == "llmperf: error: nope: no such baseline directory"
+
+
+def test_report_tells_nodes_apart_when_several_share_a_device(tmp_path, capsys):
+    def on(host: str, key: str) -> Record:
+        rec = record(key)
+        rec.provenance = {**rec.provenance, "hostname": host}
+        return rec
+
+    a = _results(tmp_path / "node-a", on("gpu-node-1", "test_a"))
+    b = _results(tmp_path / "node-b", on("gpu-node-2", "test_a"))
+    code, out, _ = run_cli(capsys, "report", str(a), str(b))
+    assert code == 0
+    assert "## fake: fake-chip on gpu-node-1" in out and "## fake: fake-chip on gpu-node-2" in out

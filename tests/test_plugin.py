@@ -987,7 +987,7 @@ def test_report_writes_a_markdown_summary_and_appends_it_to_the_github_step_summ
     step.write_text("earlier step\n")
     project.runpytest(FAKE, "--llmperf-report=out").assert_outcomes(failed=1)
     summary = (project.path / "out" / "summary.md").read_text()
-    assert "## fake (fake-chip)" in summary
+    assert "## fake: fake-chip" in summary
     before = format_value(steady_e2e(100), "s")
     after = format_value(steady_e2e(100, 1.2), "s")
     assert f"| `test_gen` | e2e_latency_s | {before} | {after} | ×1.200 | **FAIL** regressed |" in (

@@ -290,22 +290,19 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     skip: Optional[str] = None
     try:
         result = yield
-    except TokenCountError as exc:
-        # A wrong token count is the engine's fault, not the test's: one line, and the
-        # workload shows up as an error in the report.
-        handle = item.stash.get(HANDLE, None)
-        if handle is not None:
-            handle.record_error(exc)
-        usage = str(exc)
     except UsageError as exc:
         usage = str(exc)
     except SkipWorkload as exc:
         skip = str(exc)
     except Exception as exc:
+        # A crashed workload shows up as outcome "error" in the report (never stored).
         handle = item.stash.get(HANDLE, None)
         if handle is not None:
             handle.record_error(exc)
-        raise
+        if not isinstance(exc, TokenCountError):
+            raise
+        # A wrong token count is the engine's fault, not the test's: one line is enough.
+        usage = str(exc)
     # Outside the except blocks: pytest would otherwise print the chained exception too.
     if usage is not None:
         pytest.fail(usage, pytrace=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__, baselines, report
-from .metrics import METRICS
+from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
 from .verdict import GateSettings, Verdict, between_run_spread, compare_metric, format_value
 
@@ -83,11 +83,10 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def _main_metric(run: dict[str, Any]) -> Optional[str]:
-    for name in ("e2e_latency_s", "time_s"):
-        if name in run.get("metrics", {}):
-            return name
-    names = sorted(run.get("metrics", {}))
-    return names[0] if names else None
+    names = run.get("metrics", {})
+    if any(n in names for n in MAIN_METRICS):
+        return main_metric(names)
+    return min(names) if names else None
 
 
 def _medians(runs: list[dict[str, Any]], name: str) -> list[float]:

@@ -6,6 +6,7 @@ files and the verdict agree on units and direction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -45,6 +46,17 @@ METRICS: dict[str, Metric] = {
 # Gated unless a test names its own list with llmperf(gate=[...]). The outcome (OOM) is
 # always gated; output digests only under --llmperf-check-outputs.
 DEFAULT_GATED = ("e2e_latency_s", "time_s", "peak_memory_bytes")
+
+
+#: A workload's headline timing, in order of preference: generate's e2e latency, else the
+#: time per call of llmperf.measure. Tables, confirmation and `baselines show` lead with it.
+MAIN_METRICS = ("e2e_latency_s", "time_s")
+
+
+def main_metric(names: Iterable[str]) -> str:
+    """The headline metric among ``names`` (``time_s`` when neither is there)."""
+    present = set(names)
+    return next((n for n in MAIN_METRICS if n in present), MAIN_METRICS[-1])
 
 
 def metric(name: str) -> Metric:

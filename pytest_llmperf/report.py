@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from . import __version__
 from .baselines import atomic_write
-from .metrics import METRICS
+from .metrics import METRICS, main_metric
 from .verdict import EntryVerdict, format_value
 
 RESULTS_SCHEMA = 1
@@ -99,7 +99,7 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     out = []
     for row in rows:
         r = row["record"]
-        main = "e2e_latency_s" if "e2e_latency_s" in r.get("metrics", {}) else "time_s"
+        main = main_metric(r.get("metrics", {}))
         out.append(
             [
                 r["key"],
@@ -223,7 +223,7 @@ def benchmark_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         r = row["record"]
-        name = "e2e_latency_s" if "e2e_latency_s" in r["metrics"] else "time_s"
+        name = main_metric(r["metrics"])
         samples = (r["metrics"].get(name) or {}).get("samples") or []
         if r["outcome"] != "ok" or not samples:
             continue

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from . import backends, baselines, provenance, report, verdict
 from .backends.base import Backend
+from .metrics import main_metric
 from .results import Record
 from .runner import BUSY_NOTE, ModelCache
 from .settings import Settings
@@ -101,8 +102,11 @@ class RunState:
             self._provenance[backend.name] = provenance.collect(backend, self.rootdir)
         return self._provenance[backend.name]
 
+    def baseline_path(self, device_key: str, suite: str) -> Path:
+        return baselines.baseline_path(self.baselines_root, device_key, suite, self.settings.label)
+
     def _file(self, device_key: str, suite: str) -> Optional[baselines.BaselineFile]:
-        path = baselines.baseline_path(self.baselines_root, device_key, suite, self.settings.label)
+        path = self.baseline_path(device_key, suite)
         if path not in self._files:
             try:
                 self._files[path] = baselines.load(path)
@@ -198,9 +202,7 @@ class RunState:
             if entry.failed:
                 problems.append(self._failure_text(record, entry, runs))
             elif self.settings.strict and entry.worst is verdict.Verdict.NO_BASELINE:
-                path = baselines.baseline_path(
-                    self.baselines_root, record.device_key, record.suite, self.settings.label
-                )
+                path = self.baseline_path(record.device_key, record.suite)
                 problems.append(
                     f"{record.key}: no baseline in {path} and --llmperf-strict is set; "
                     "record one with --llmperf-update-baselines"
@@ -320,9 +322,7 @@ class RunState:
                 record.backend, {"key": record.device_key, "backend": record.backend}
             )
         for (device_key, suite), records in sorted(groups.items()):
-            path = baselines.baseline_path(
-                self.baselines_root, device_key, suite, self.settings.label
-            )
+            path = self.baseline_path(device_key, suite)
             try:
                 self.changes += baselines.update(
                     path,
@@ -347,12 +347,8 @@ class RunState:
         return report.benchmark_entries(self.rows)
 
 
-def _main_name(record: Record) -> str:
-    return "e2e_latency_s" if "e2e_latency_s" in record.metrics else "time_s"
-
-
 def _main_median(record: Record) -> float:
-    value = record.value(_main_name(record))
+    value = record.value(main_metric(record.metrics))
     return float("inf") if value is None else value
 
 

@@ -70,7 +70,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "pytest", *pytest_args, "--llmperf-update-baselines", *extra]
         print(f"llmperf: recording run {n}/{args.runs}: {' '.join(cmd[2:])}", flush=True)
         code = subprocess.call(cmd)
-        if code not in (0,):
+        if code != 0:
             print(
                 f"llmperf: run {n} exited with {code}; stopping (runs already recorded are kept)",
                 file=sys.stderr,

@@ -98,7 +98,6 @@ class LLMPerf:
         backend: Backend,
         context: Workload,
         cache: Optional[ModelCache] = None,
-        on_record: Optional[Callable[[Record], None]] = None,
     ) -> None:
         self.backend = backend
         self.context = context
@@ -107,7 +106,6 @@ class LLMPerf:
         #: key -> a callable measuring the same workload again, for confirming a regression.
         self.remeasure: dict[str, Callable[[], Record]] = {}
         self.overrides: dict[str, dict[str, Any]] = {}
-        self._on_record = on_record
 
     # -- public API ----------------------------------------------------------------------
     def generate(
@@ -399,8 +397,6 @@ class LLMPerf:
 
     def _finish(self, record: Record) -> Record:
         self.records.append(record)
-        if self._on_record is not None:
-            self._on_record(record)
         return record
 
 

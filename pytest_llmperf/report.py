@@ -15,6 +15,7 @@ from typing import Any, Optional
 from . import __version__
 from .baselines import atomic_write
 from .metrics import METRICS, main_metric
+from .runner import INCONCLUSIVE_NOTE
 from .verdict import EntryVerdict, format_value
 
 RESULTS_SCHEMA = 1
@@ -89,7 +90,7 @@ def verdict_word(row: dict[str, Any]) -> str:
         return "error"
     if v is None:
         return "not judged"
-    if "inconclusive:" in record.get("note", ""):
+    if INCONCLUSIVE_NOTE in record.get("note", ""):
         return "inconclusive"
     # Under --llmperf-no-gate (or while updating) a regression is reported, not a failure.
     return ("FAIL " if v["failed"] and row.get("gate", True) else "") + v["worst"]

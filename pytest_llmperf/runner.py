@@ -20,6 +20,8 @@ from .results import MetricValue, Record
 GiB = 2**30
 #: Starts the note of a record measured while other processes competed for the CPU.
 BUSY_NOTE = "machine busy"
+#: Added to such a record's note when it regressed: reported, not failed (see state.judge).
+INCONCLUSIVE_NOTE = "inconclusive: regressed while the machine was busy"
 
 
 class UsageError(Exception):

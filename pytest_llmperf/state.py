@@ -17,7 +17,7 @@ from . import backends, baselines, provenance, report, verdict
 from .backends.base import Backend
 from .metrics import main_metric
 from .results import Record
-from .runner import BUSY_NOTE, ModelCache
+from .runner import BUSY_NOTE, INCONCLUSIVE_NOTE, ModelCache
 from .settings import Settings
 
 
@@ -197,7 +197,7 @@ class RunState:
             if busy and _confirmable(entry) and not all(m.limit for m in entry.failures()):
                 # Numbers taken while other processes fought for the CPU say nothing about
                 # the code; a red here would be noise. --llmperf-strict fails it anyway.
-                record.note += "; inconclusive: regressed while the machine was busy"
+                record.note += f"; {INCONCLUSIVE_NOTE}"
                 continue
             if entry.failed:
                 problems.append(self._failure_text(record, entry, runs))

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import unicodedata
@@ -168,8 +169,9 @@ class Change:
     """What :func:`update` did to one entry, for the summary line and the reviewer.
 
     ``action`` is ``added`` (no history before), ``appended``, ``restarted`` (versions or
-    performance-relevant environment changed, so older runs no longer describe this stack) or
-    ``reset`` (asked for with ``--llmperf-reset-baselines``).
+    performance-relevant environment changed, so older runs no longer describe this stack; or
+    a confirmed change of level), ``reset`` (asked for with ``--llmperf-reset-baselines``) or
+    ``unchanged`` (the run was stored already).
     """
 
     key: str
@@ -264,6 +266,10 @@ def _parse(text: str, path: Path) -> Any:
         raise BaselineError(
             path, None, f"holds {exc.token}, which is not a number; expected finite numbers only"
         ) from None
+    except RecursionError:
+        raise BaselineError(
+            path, None, "nested too deeply to be a baseline file; restore it from git"
+        ) from None
     except json.JSONDecodeError as exc:
         if not text.strip():
             problem = "empty file; expected a baseline JSON object — restore it from git"
@@ -283,6 +289,9 @@ def _parse(text: str, path: Path) -> Any:
                 "fix that spot or restore the file from git"
             )
         raise BaselineError(path, None, problem) from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BaselineError(path, None, f"not a usable JSON file ({first})") from None
 
 
 def _describe(value: Any) -> str:
@@ -299,7 +308,12 @@ def _describe(value: Any) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # a 400-digit integer is valid JSON but no measurement
+        return False
 
 
 def _is_int(value: Any) -> bool:
@@ -466,11 +480,33 @@ def load(path: _PathLike) -> BaselineFile | None:
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise BaselineError(
+                path,
+                None,
+                f"is a symbolic link to {os.readlink(path)}, which does not exist; "
+                "fix the link or remove it",
+            ) from None
         return None
-    except IsADirectoryError:
-        raise BaselineError(path, None, "is a directory; expected a baseline JSON file") from None
+    except OSError as exc:
+        raise BaselineError(path, None, f"cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BaselineError(path, None, "is a directory; expected a baseline JSON file")
+    if not stat.S_ISREG(st.st_mode):
+        # Opening a FIFO would block for ever waiting for a writer.
+        raise BaselineError(
+            path,
+            None,
+            "is not a regular file (a FIFO, socket or device); expected a baseline JSON file",
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BaselineError(
+            path, None, f"cannot read ({exc.strerror or exc}); check its permissions"
+        ) from None
     try:
         text = raw.decode("utf-8-sig")  # tolerate the BOM some Windows editors add
     except UnicodeDecodeError as exc:
@@ -629,25 +665,83 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file that could not be written; the message names it, and nothing was changed."""
+
+
+def _make_dirs(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(
+            exc.errno, f"{directory}: cannot create the directory ({exc.strerror or exc})"
+        ) from None
+
+
 def atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash at any point leaves old or new, whole."""
+    """Replace ``path`` with ``text`` so that a crash at any point leaves old or new, whole.
+
+    The replaced file keeps its permission bits (a baseline made read-only for others stays
+    so). A symbolic link is never replaced by a regular file: that would silently cut the
+    link to wherever the user keeps the real file. Any failure (a full disk, no permission)
+    raises :class:`WriteError` naming ``path``; the old file is then untouched.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise WriteError(
+            f"{path}: is a symbolic link; refusing to replace it with a regular file — "
+            "point the option at the real directory, or remove the link"
+        )
+    mode = None
+    with suppress(FileNotFoundError):
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise WriteError(f"{path}: exists and is not a regular file; refusing to replace it")
+        mode = stat.S_IMODE(st.st_mode)
     data = text.encode("utf-8")
     tmp = _temp_name(path)
-    # 0o666 minus the umask, like any file the user writes (mkstemp's 0o600 would hide the
-    # baselines from the other accounts on a shared node).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
+        # 0o666 minus the umask, like any file the user writes (mkstemp's 0o600 would hide the
+        # baselines from the other accounts on a shared node).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        if isinstance(exc, WriteError):
+            raise
+        raise WriteError(
+            exc.errno,
+            f"{path}: not written ({exc.strerror or exc}); the previous file is unchanged",
+        ) from None
     _fsync_dir(path.parent)
+
+
+def _lock_path(path: Path) -> Path:
+    """Where the lock of ``path`` lives: outside the baselines tree, so ``git add baselines``
+    never picks it up, but keyed by the real path, so every writer of one file takes one lock.
+
+    The directory is shared by all users of the node (like /tmp itself), since two accounts
+    may update the same checkout's baselines.
+    """
+    real = os.path.realpath(path)
+    digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    directory = Path(tempfile.gettempdir()) / "pytest-llmperf-locks"
+    if not directory.is_dir():
+        with suppress(OSError):
+            directory.mkdir(mode=0o1777)
+            os.chmod(directory, 0o1777)  # mkdir's mode is cut by the umask
+    return directory / f"{digest}.lock"
 
 
 @contextmanager
@@ -657,7 +751,7 @@ def _locked(path: Path) -> Iterator[None]:
     Every writer creates its temp file while holding this lock, so once we hold it any temp
     file of this baseline belongs to a dead process.
     """
-    lock = filelock.FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+    lock = filelock.FileLock(str(_lock_path(path)), timeout=LOCK_TIMEOUT_S, mode=0o666)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -666,6 +760,10 @@ def _locked(path: Path) -> Iterator[None]:
             None,
             f"could not take the lock {lock.lock_file} within {LOCK_TIMEOUT_S:g} s; "
             "another process is updating this baseline — let it finish and retry",
+        ) from None
+    except OSError as exc:
+        raise BaselineError(
+            path, None, f"cannot create the lock file {lock.lock_file} ({exc.strerror or exc})"
         ) from None
     try:
         for stale in _stale_temps(path):
@@ -684,6 +782,7 @@ def update(
     suite: str,
     keep_runs: int = 5,
     reset: bool = False,
+    append_only: bool = False,
     now: str | None = None,
 ) -> list[Change]:
     """Merge this session's records into the baseline file at ``path``; one :class:`Change` each.
@@ -693,9 +792,13 @@ def update(
     record (``ok`` or ``oom``; ``error`` records are skipped) a run is appended and the history
     trimmed to the newest ``keep_runs``. When the versions or performance-relevant environment
     differ from the newest stored run, the older runs describe another software stack, so the
-    history restarts with this run and the change says what differed. ``reset=True`` starts
-    every touched history afresh with this session's runs (a key seen twice in one call keeps
-    both). A corrupt existing file raises :class:`BaselineError` and nothing is written: it is
+    history restarts with this run and the change says what differed; a record whose
+    ``change`` is set (a regression or improvement confirmed by re-measuring) restarts it too,
+    as a new level. ``reset=True`` starts every touched history afresh with this session's
+    runs. A history started by this call is appended to by later runs of the same key in the
+    same call; ``append_only=True`` (runs 2…N of ``llmperf baselines record``) never restarts
+    a history. A run already stored is not stored again. A corrupt existing file raises
+    :class:`BaselineError` and nothing is written: it is
     the user's to fix, not ours to overwrite. ``now`` fixes the runs' date (tests, CLI).
     """
     path = Path(path)
@@ -706,7 +809,7 @@ def update(
     if not isinstance(device.get("key"), str) or not device["key"]:
         raise ValueError(f"device must have a non-empty 'key' string, got {device!r}")
 
-    new_runs: list[tuple[str, dict[str, Any]]] = []
+    new_runs: list[tuple[str, dict[str, Any], str | None]] = []
     for record in records:
         if record.outcome not in STORED_OUTCOMES:
             continue
@@ -720,11 +823,11 @@ def update(
                 f"record {record.key!r} was measured on {record.device_key!r}, "
                 f"not {device['key']!r}; records go to their own device's file"
             )
-        new_runs.append((record.key, record_to_run(record, date=now)))
+        new_runs.append((record.key, record_to_run(record, date=now), record.change))
     if not new_runs:
         return []
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(path.parent)
     with _locked(path):
         current = load(path)
         if current is not None and current.suite != suite:
@@ -733,36 +836,71 @@ def update(
             )
         entries = dict(current.entries) if current is not None else {}
         changes: list[Change] = []
-        reset_done: set[str] = set()
-        for key, run in new_runs:
+        # Keys whose history this call started: later runs of the same key in the same call
+        # (record --runs N, accept of several results files) append to it.
+        started: set[str] = set()
+        for key, run, level in new_runs:
             old = entries.get(key, [])
-            if not old:
-                history, change = [run], Change(key, "added", "1 run")
-            elif reset and key not in reset_done:
-                history = [run]
-                change = Change(key, "reset", f"history reset: {len(old)} old run(s) dropped")
-            else:
-                diffs = version_changes(
-                    perf_versions(old[-1].get("provenance") or {}),
-                    perf_versions(run.get("provenance") or {}),
+            history, change = _merge(key, old, run, level, reset, append_only or key in started)
+            if history is None:
+                changes.append(change)
+                continue
+            if change.action != "appended":
+                started.add(key)
+            entries[key] = history[-keep_runs:]
+            dropped = len(history) - len(entries[key])
+            if change.action == "appended":
+                change.detail = f"{len(entries[key])} runs kept" + (
+                    f", {dropped} oldest dropped" if dropped else ""
                 )
-                if diffs:
-                    history = [run]
-                    change = Change(key, "restarted", "history restarted: " + ", ".join(diffs))
-                else:
-                    history = (old + [run])[-keep_runs:]
-                    dropped = len(old) + 1 - len(history)
-                    detail = f"{len(history)} runs kept"
-                    if dropped:
-                        detail += f", {dropped} oldest dropped"
-                    change = Change(key, "appended", detail)
-            if reset:
-                reset_done.add(key)
-            entries[key] = history
             changes.append(change)
         merged = BaselineFile(path=path, suite=suite, device=device, entries=entries)
         atomic_write(path, dumps(merged.to_json()))
     return changes
+
+
+def _same_run_stored(run: dict[str, Any], old: list[dict[str, Any]]) -> bool:
+    run_id = (run.get("provenance") or {}).get("run_id")
+    if run_id:
+        return any((r.get("provenance") or {}).get("run_id") == run_id for r in old)
+    return run in old
+
+
+def _merge(
+    key: str,
+    old: list[dict[str, Any]],
+    run: dict[str, Any],
+    level: str | None,
+    reset: bool,
+    append_only: bool,
+) -> tuple[list[dict[str, Any]] | None, Change]:
+    """The entry's new history and what happened to it (history None: nothing to write)."""
+    if not old:
+        return [run], Change(key, "added", "1 run")
+    if reset and not append_only:
+        return [run], Change(key, "reset", f"history reset: {len(old)} old run(s) dropped")
+    if _same_run_stored(run, old):
+        # The same run stored twice (accepting one results file again) would count one
+        # process twice in the between-run spread.
+        return None, Change(key, "unchanged", "this run is already stored")
+    if append_only:
+        return old + [run], Change(key, "appended", "")
+    diffs = version_changes(
+        perf_versions(old[-1].get("provenance") or {}),
+        perf_versions(run.get("provenance") or {}),
+    )
+    if diffs:
+        return [run], Change(key, "restarted", "history restarted: " + ", ".join(diffs))
+    if level is not None:
+        # A confirmed change: one new run appended to K old ones would be outvoted by their
+        # median, and the next plain run would fail again. The new level starts a history.
+        return [run], Change(
+            key,
+            "restarted",
+            f"new level: history restarted ({level}, confirmed by re-measuring; "
+            f"{len(old)} old run(s) dropped)",
+        )
+    return old + [run], Change(key, "appended", "")
 
 
 def prune(
@@ -771,11 +909,14 @@ def prune(
     *,
     dry_run: bool = True,
     devices: set[str] | None = None,
+    suites: set[str] | None = None,
 ) -> list[tuple[Path, str]]:
     """Entries under ``root`` that no collected test produces: ``(file, key)``, sorted.
 
     ``live_keys`` holds ``(suite, key)`` for every collected test; a key live on any device
-    is kept on all of them. With ``dry_run=False`` the entries are removed, each file
+    is kept on all of them. ``suites`` limits pruning to the files of those suites (the test
+    files that were collected): ``prune test_b.py`` must not call test_a's entries stale.
+    With ``dry_run=False`` the entries are removed, each file
     rewritten atomically under its lock (re-read there, so a concurrent update survives), a
     file left empty deleted, and an emptied device directory removed. The caller must collect
     the whole suite: keys outside a ``-k`` selection look dead.
@@ -786,6 +927,8 @@ def prune(
     dead: list[tuple[Path, str]] = []
     for (device, suite), loaded in load_dir(root).items():
         if devices is not None and device.split("@", 1)[0] not in devices:
+            continue
+        if suites is not None and suite not in suites:
             continue
         dead.extend(
             (loaded.path, key) for key in sorted(loaded.entries) if (suite, key) not in live_keys
@@ -807,8 +950,7 @@ def prune(
             else:
                 file.unlink()
                 _fsync_dir(file.parent)
-        # Lock files stay: unlinking one a waiting writer has open would let two writers in.
-        # So the emptied directory only goes away once nothing else is left in it.
+        # Only once nothing else (another suite, a user's file) is left in it.
         with suppress(OSError):
             file.parent.rmdir()
     return dead

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import secrets
 import socket
 import subprocess
 from pathlib import Path
@@ -66,4 +67,7 @@ def collect(backend: Backend, root: Path) -> dict[str, Any]:
         "git_commit": git_commit(root),
         "hostname": socket.gethostname(),
         "date": utc_now(),
+        # Tells one process's run from another's: accepting the same results twice must not
+        # store one run twice (identical numbers are possible on a deterministic device).
+        "run_id": secrets.token_hex(8),
     }

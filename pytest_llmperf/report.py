@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__
+from . import __version__, baselines
 from .baselines import atomic_write
 from .metrics import METRICS, main_metric
-from .runner import INCONCLUSIVE_NOTE
+from .results import Record
 from .verdict import EntryVerdict, format_value
 
 RESULTS_SCHEMA = 1
@@ -58,6 +59,83 @@ def load_results(path: Path) -> list[dict[str, Any]]:
     return data["results"]
 
 
+# -- the failure message of a test ----------------------------------------------------------
+
+
+def failure_text(record: Record, entry: EntryVerdict, runs: Sequence[dict[str, Any]]) -> str:
+    """What a red test prints: each failed metric with its numbers, the confirmation, what
+    changed since the baseline, and the command that accepts the new numbers."""
+    failures = entry.failures()
+    lines = [f"{record.key} on {record.device_key}:"]
+    lines += [f"  {'over the limit' if m.limit else m.verdict.value}: {m.detail}" for m in failures]
+    limits_only = all(m.limit for m in failures)
+    if len(record.measurements) > 1:
+        shown = ", ".join(format_value(v, "s") for v in record.measurements)
+        n = len(record.measurements)
+        lines.append(
+            f"  over the limit in all {n} measurements ({shown})"
+            if limits_only
+            else f"  regression confirmed by {n} measurements ({shown})"
+        )
+    if limits_only:
+        lines.append(
+            "  an absolute limit of the marker llmperf(...): raise it there if the new "
+            "numbers are acceptable"
+        )
+        return "\n".join(lines)
+    if runs:
+        changed = baselines.version_changes(
+            baselines.perf_versions(runs[-1].get("provenance", {})),
+            baselines.perf_versions(record.provenance),
+        )
+        lines.append(
+            "  changed since the baseline: " + (", ".join(changed) if changed else "nothing")
+        )
+    lines.append(
+        "  if the new numbers are right: pytest ... --llmperf-update-baselines (this entry then "
+        "starts a new history), or llmperf baselines accept <this run's results.json>"
+    )
+    return "\n".join(lines)
+
+
+# -- what a run checked ----------------------------------------------------------------------
+
+
+@dataclass
+class Coverage:
+    """How many workloads a run judged against a baseline, and why the others were not.
+
+    A green run that compared nothing (no baselines for this device key, every backend
+    unavailable, baselines looked up in the wrong directory) must not look like a pass.
+    """
+
+    gating: bool
+    updating: bool
+    total: int = 0
+    judged: int = 0
+    unavailable: int = 0
+    all_unavailable: bool = False
+    reasons: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.judged == self.total
+
+    def headline(self) -> str:
+        if self.all_unavailable:
+            return "llmperf: nothing measured: every selected backend was unavailable"
+        if self.updating:
+            return f"llmperf: {self.total} workloads measured for the baselines"
+        judged = f"{self.judged} of {self.total} workloads judged against a baseline"
+        if not self.gating:
+            return f"llmperf: not gated (--llmperf-no-gate); {judged}"
+        return f"llmperf: {judged}"
+
+    def lines(self) -> list[str]:
+        return [f"  {r}" for r in self.reasons] + [f"  {h}" for h in self.hints]
+
+
 # -- formatting ------------------------------------------------------------------------------
 
 
@@ -90,7 +168,7 @@ def verdict_word(row: dict[str, Any]) -> str:
         return "error"
     if v is None:
         return "not judged"
-    if INCONCLUSIVE_NOTE in record.get("note", ""):
+    if record.get("inconclusive"):
         return "inconclusive"
     # Under --llmperf-no-gate (or while updating) a regression is reported, not a failure.
     return ("FAIL " if v["failed"] and row.get("gate", True) else "") + v["worst"]

@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from .metrics import METRICS, metric
+from .metrics import METRICS, main_metric, metric
 
 
 @dataclass
@@ -44,6 +44,17 @@ class Record:
 
     ``key`` is the canonical baseline key (test function + sorted workload parameters +
     ``:name``), never the raw node id, so renaming parametrize ids orphans nothing.
+
+    What the gate decides from is a field, never a phrase in ``note`` (which is for people):
+
+    * ``busy_load`` — the load average when it exceeded what this process accounts for
+      (another job on the node); ``shared_workers`` — pytest-xdist workers that shared the
+      device while this was measured. Either makes a regression *inconclusive*.
+    * ``inconclusive`` — set by the gate when it did not fail a regression for that reason.
+    * ``measurements`` — the headline medians of every measurement when a change was
+      re-measured to confirm it (the first is the original).
+    * ``change`` — ``"regressed"`` or ``"improved"`` when the gate found a change against the
+      stored history that survived the confirmation: storing this run starts a new history.
     """
 
     key: str
@@ -58,6 +69,11 @@ class Record:
     provenance: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     nodeid: str = ""
+    busy_load: float | None = None
+    shared_workers: int = 0
+    inconclusive: bool = False
+    measurements: list[float] = field(default_factory=list)
+    change: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         # result.e2e_latency_s reads like the README's metric table.
@@ -68,6 +84,31 @@ class Record:
     def value(self, name: str) -> float | None:
         m = self.metrics.get(name)
         return None if m is None else m.value
+
+    @property
+    def main_metric(self) -> str:
+        """The headline metric: ``e2e_latency_s`` for generate, ``time_s`` for measure."""
+        return main_metric(self.metrics)
+
+    @property
+    def median(self) -> float | None:
+        """Median of the headline metric's rounds, in seconds (None unless outcome is ok)."""
+        return self.value(self.main_metric)
+
+    @property
+    def samples(self) -> list[float]:
+        """The headline metric's per-round values, in seconds, in the order measured."""
+        m = self.metrics.get(self.main_metric)
+        return list(m.samples) if m is not None else []
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def contended(self) -> bool:
+        """Measured while something else competed for the device: numbers not to judge on."""
+        return self.busy_load is not None or self.shared_workers > 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +124,11 @@ class Record:
             "output_head": self.output_head,
             "metrics": {n: m.to_json() for n, m in sorted(self.metrics.items())},
             "provenance": self.provenance,
+            "busy_load": self.busy_load,
+            "shared_workers": self.shared_workers,
+            "inconclusive": self.inconclusive,
+            "measurements": list(self.measurements),
+            "change": self.change,
         }
 
     @classmethod
@@ -103,4 +149,9 @@ class Record:
                 for n, m in data.get("metrics", {}).items()
             },
             provenance=data.get("provenance", {}),
+            busy_load=data.get("busy_load"),
+            shared_workers=int(data.get("shared_workers") or 0),
+            inconclusive=bool(data.get("inconclusive", False)),
+            measurements=list(data.get("measurements") or []),
+            change=data.get("change"),
         )

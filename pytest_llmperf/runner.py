@@ -6,8 +6,10 @@ tests with a fake backend and a fake clock. The plugin binds one handle per test
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,10 +20,6 @@ from .measure import Timing, run_rounds
 from .results import MetricValue, Record
 
 GiB = 2**30
-#: Starts the note of a record measured while other processes competed for the CPU.
-BUSY_NOTE = "machine busy"
-#: Added to such a record's note when it regressed: reported, not failed (see state.judge).
-INCONCLUSIVE_NOTE = "inconclusive: regressed while the machine was busy"
 
 
 class UsageError(Exception):
@@ -77,6 +75,16 @@ class ModelCache:
         if backend is not None:
             backend.free_memory()
 
+    def resident_bytes(self, unless: Optional[tuple] = None) -> int:
+        """Weight bytes of the held model, unless it is the one for key ``unless``.
+
+        A model that is about to be replaced is memory the next load gets back: the memory
+        pre-check counts it as free, or a test's skip would depend on the test before it.
+        """
+        if self.loaded is None or self.key == unless:
+            return 0
+        return int(getattr(self.loaded, "weight_bytes", 0) or 0)
+
 
 @dataclass
 class Workload:
@@ -90,6 +98,8 @@ class Workload:
     device_key: str
     provenance: dict[str, Any]
     workload: dict[str, Any] = field(default_factory=dict)
+    #: pytest-xdist workers sharing this backend's device (0 or 1: none).
+    shared_workers: int = 0
 
 
 class LLMPerf:
@@ -161,6 +171,13 @@ class LLMPerf:
         rounds, warmup = self._rounds(rounds, warmup)
         if new_tokens < 2:
             raise UsageError("llmperf.generate(new_tokens=...): at least 2 (TPOT needs two tokens)")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            raise UsageError(
+                f"llmperf.generate(prompt={prompt!r}): expected non-empty text (or leave it out "
+                "and give prompt_tokens=N for N tokens of the shipped corpus)"
+            )
+        if prompt_tokens is not None:
+            _check_context(model, spec, prompt_tokens, new_tokens)
 
         workload = {
             "model": model,
@@ -177,12 +194,13 @@ class LLMPerf:
         weights = spec.weight_bytes(dtype)
         avail = self.backend.available_memory_bytes()
         if avail is not None:
-            resident = weights if loaded is not None else 0
+            # What the next load gets back: our own cached model (or the one to be replaced).
+            resident = weights if loaded is not None else self.cache.resident_bytes()
             free_for_us = avail * devices + resident
             if loaded is None and weights > free_for_us:
                 raise SkipWorkload(
                     f"{model} cannot load on {self.backend.name}: its {dtype} weights need "
-                    f"{fmt_bytes(weights)}, {fmt_bytes(avail * devices)} available"
+                    f"{fmt_bytes(weights)}, {fmt_bytes(free_for_us)} available"
                 )
             # Before the tokenizer exists the prompt's length is known only for the seed
             # prompt; a one-token prompt is the floor. A workload that fails even that is not
@@ -204,13 +222,17 @@ class LLMPerf:
                 raise
             self.cache.put(cache_key, loaded)
 
-        input_ids, mask, n_prompt = models.encode_prompt(
-            loaded.tokenizer,
-            loaded.real_tokenizer,
-            prompt if prompt is not None or prompt_tokens is not None else models.SEED_PROMPT,
-            batch_size,
-            prompt_tokens,
-        )
+        try:
+            input_ids, mask, n_prompt = models.encode_prompt(
+                loaded.tokenizer,
+                loaded.real_tokenizer,
+                prompt if prompt is not None or prompt_tokens is not None else models.SEED_PROMPT,
+                batch_size,
+                prompt_tokens,
+            )
+        except ValueError as exc:
+            raise UsageError(f"llmperf.generate(prompt=...): {exc}") from None
+        _check_context(model, spec, n_prompt, new_tokens)
         record.workload["prompt_tokens"] = n_prompt
         record.workload["weight_source"] = loaded.weight_source
         avail = self.backend.available_memory_bytes()
@@ -278,13 +300,34 @@ class LLMPerf:
         rounds, warmup = self._rounds(rounds, warmup)
         record = self._new_record(name, {"batch_size": batch_size, "tokens": tokens}, tolerance)
 
+        def call(_hook: Any) -> Any:
+            out = fn()
+            if inspect.isgenerator(out) or inspect.iscoroutine(out) or inspect.isasyncgen(out):
+                # Creating a generator runs none of its body: timing it would store 0.2 µs as
+                # a baseline of "the work".
+                with contextlib.suppress(Exception):
+                    out.close()  # type: ignore[union-attr]
+                raise UsageError(
+                    f"llmperf.measure(fn): fn returned a {type(out).__name__}, so nothing ran "
+                    "while it was timed; consume it inside fn, e.g. "
+                    "measure(lambda: list(make_gen())) or measure(lambda: asyncio.run(coro()))"
+                )
+            return out
+
         def attempt(warm: int) -> Timing:
-            return run_rounds(self.backend, lambda _hook: fn(), rounds=rounds, warmup=warm)
+            return run_rounds(self.backend, call, rounds=rounds, warmup=warm)
 
         def fill(rec: Record, timing: Timing) -> None:
             self._fill(rec, timing, tokens=batch_size * tokens if tokens else None, main="time_s")
 
         return self._run(record, attempt, fill, warmup, "", self.backend.free_memory)
+
+    def release(self) -> None:
+        """Forget what only this test needed: the re-measure closures hold the loaded model,
+        inputs and engine. The shared model cache keeps the one model the next test may reuse.
+        """
+        self.remeasure.clear()
+        self.cache = ModelCache()
 
     def record_error(self, exc: BaseException) -> None:
         """Report a workload that crashed as outcome ``error`` (never gated, never stored).
@@ -354,10 +397,20 @@ class LLMPerf:
             timing.peak_memory_bytes,
         )
         record.workload["rounds"] = len(timing.e2e)
-        busy = busy_note()
-        notes = timing.notes + ([busy] if busy else [])
-        if notes:
-            record.note = "; ".join(notes)
+        notes = list(timing.notes)
+        record.busy_load = busy_load()
+        if record.busy_load is not None:
+            notes.append(
+                f"machine busy: load average {record.busy_load:.1f} on {os.cpu_count()} CPUs "
+                "during the rounds"
+            )
+        record.shared_workers = self.context.shared_workers
+        if record.shared_workers > 1:
+            notes.append(
+                f"{record.shared_workers} pytest-xdist workers shared this {record.backend} "
+                "device while it was measured"
+            )
+        record.note = "; ".join(notes)
 
     def _run(
         self,
@@ -402,20 +455,37 @@ class LLMPerf:
         return record
 
 
-def busy_note() -> Optional[str]:
-    """A note when other processes competed for the CPU during the rounds.
+#: The machine counts as busy when the 1-minute load average exceeds this many times the CPU
+#: count, plus BUSY_SLACK. Our own torch threads alone keep the load near the CPU count, and
+#: the load average lags by a minute, so "above the CPU count" would flag our own runs.
+BUSY_FACTOR = 1.25
+BUSY_SLACK = 0.5
 
-    On a shared box descheduled torch threads make a tiny model 10x slower; a verdict on
-    such numbers should be read with that in mind. Our own threads add up to one CPU count.
+
+def busy_load() -> Optional[float]:
+    """The load average when other processes competed for the CPU during the rounds, else None.
+
+    On a shared box descheduled torch threads make a tiny model 10x slower; a regression
+    measured then says nothing about the code (the gate calls it inconclusive).
     """
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
     cpus = os.cpu_count() or 1
-    if load > cpus * 1.25 + 0.5:
-        return f"{BUSY_NOTE}: load average {load:.1f} on {cpus} CPUs during the rounds"
-    return None
+    return load if load > cpus * BUSY_FACTOR + BUSY_SLACK else None
+
+
+def _check_context(model: str, spec: Any, prompt_tokens: int, new_tokens: int) -> None:
+    """A sequence longer than the model's positions fails deep inside generate (an index
+    error in the position embedding): say so before any round runs."""
+    limit = spec.shape().max_positions
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise UsageError(
+            f"llmperf.generate(model={model!r}): {prompt_tokens} prompt tokens + {new_tokens} "
+            f"new tokens exceed its context of {limit} positions; shorten the prompt or "
+            "new_tokens"
+        )
 
 
 def _check_positive(name: str, value: Any) -> None:

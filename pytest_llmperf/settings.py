@@ -8,9 +8,12 @@ what is allowed, because a perf gate that silently falls back to a default gates
 
 from __future__ import annotations
 
-import difflib
+import math
 import os
+import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from .metrics import METRICS
@@ -108,14 +111,29 @@ def _backends(text: str) -> list[str]:
 
 
 def _label(text: str) -> str:
+    # A label is a directory name in git (baselines/<device-key>@<label>/). Only lowercase ASCII,
+    # so two labels can never fold onto one directory: "café" and "cafe" would after accent
+    # folding, "SDK2" and "sdk2" on a case-insensitive (macOS, Windows) checkout.
     value = str(text).strip()
-    if not value or not all(c.isalnum() or c in "._-" for c in value) or value.startswith("."):
-        raise SettingError("expected a name of letters, digits, '.', '_' or '-'")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value) or len(value) > 64:
+        hint = ""
+        folded = re.sub(r"[^a-z0-9._-]+", "-", value.lower()).strip(".-")
+        if folded and folded != value:
+            hint = f" (e.g. {folded!r})"
+        raise SettingError(
+            "expected a name of lowercase ASCII letters, digits, '.', '_' or '-' (at most 64, "
+            f"not starting with '.', '_' or '-'){hint}"
+        )
     return value
 
 
-def _text(text: str) -> str:
-    return str(text)
+def _path(text: str) -> str:
+    value = str(text).strip()
+    if not value:
+        raise SettingError("expected a directory path")
+    if "\0" in value:
+        raise SettingError("a path cannot hold a NUL character")
+    return value
 
 
 @dataclass(frozen=True)
@@ -148,7 +166,13 @@ OPTIONS: tuple[Option, ...] = (
         _backends,
         ["auto"],
     ),
-    Option("baselines", "baseline directory (default: baselines/ at the rootdir)", _text, None),
+    Option(
+        "baselines",
+        "baseline directory (default: baselines/ next to the ini file, else in the current "
+        "directory; a relative ini value is read from the ini file's directory)",
+        _path,
+        None,
+    ),
     Option(
         "update_baselines",
         "append this run to the baselines of the tests that ran",
@@ -182,7 +206,7 @@ OPTIONS: tuple[Option, ...] = (
         False,
         flag=True,
     ),
-    Option("report", "directory for results.json, summary.md and plots", _text, None),
+    Option("report", "directory for results.json, summary.md and plots", _path, None),
     Option(
         "models",
         "model tier of the shipped suites: auto (tiny on cpu, full on accelerators), tiny, full",
@@ -254,6 +278,35 @@ def resolve(
 MARKER_KEYS = ("tolerance", "alpha", "rounds", "warmup", "gate")
 
 
+def _gate_names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        names: list[Any] = [value]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    else:
+        raise SettingError(
+            "expected a metric name or a list of metric names, e.g. gate=['e2e_latency_s']"
+        )
+    for name in names:
+        if not isinstance(name, str) or (name not in METRICS and name != "outcome"):
+            raise SettingError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
+    return tuple(names)
+
+
+def _limit(value: Any) -> float:
+    # Every metric is a duration, size, rate or fraction: a negative or NaN limit can only be a
+    # typo, and would fail (or pass) every run for a reason nobody can see.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SettingError("expected a number ≥ 0 in the metric's unit")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingError("expected a number ≥ 0 in the metric's unit") from None
+    if not math.isfinite(number) or number < 0:
+        raise SettingError("expected a finite number ≥ 0 in the metric's unit")
+    return number
+
+
 def parse_marker(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate ``@pytest.mark.llmperf(...)`` keywords; unknown keywords are usage errors."""
     out: dict[str, Any] = {}
@@ -274,21 +327,14 @@ def parse_marker(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
             elif key == "warmup":
                 out[key] = _int(0)(value)
             elif key == "gate":
-                names = [value] if isinstance(value, str) else list(value)
-                for name in names:
-                    if name not in METRICS and name != "outcome":
-                        raise SettingError(
-                            f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}"
-                        )
-                out[key] = tuple(names)
+                out[key] = _gate_names(value)
             elif key.startswith(("max_", "min_")) and key[4:] in METRICS:
-                try:
-                    limits[key] = float(value)
-                except (TypeError, ValueError):
-                    raise SettingError("expected a number") from None
+                limits[key] = _limit(value)
             else:
                 allowed = ", ".join((*MARKER_KEYS, "max_<metric>", "min_<metric>"))
                 known = [*MARKER_KEYS, *(f"{b}_{m}" for b in ("max", "min") for m in METRICS)]
+                import difflib
+
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise SettingError(f"unknown keyword {key!r}{hint}; allowed: {allowed}")
@@ -297,3 +343,121 @@ def parse_marker(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     if limits:
         out["limits"] = limits
     return out
+
+
+# -- [tool.llmperf] and device aliases ----------------------------------------------------------
+
+
+def tool_table(pyproject: Path | None) -> dict[str, Any]:
+    """``[tool.llmperf]`` of a pyproject.toml, or {} (no file, no table).
+
+    Parsed only when the text mentions the table: every pytest run loads this plugin, and most
+    projects never configure it.
+    """
+    if pyproject is None or not pyproject.is_file():
+        return {}
+    try:
+        raw = pyproject.read_bytes()
+    except OSError as exc:
+        raise SettingError(f"{pyproject}: cannot read ({exc.strerror})") from None
+    if b"tool.llmperf" not in raw:
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python < 3.11
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingError(f"{pyproject}: not valid TOML ({exc})") from None
+    table = data.get("tool", {}).get("llmperf", {})
+    if not isinstance(table, dict):
+        raise SettingError(f"{pyproject}: [tool.llmperf] must be a table")
+    return table
+
+
+@dataclass(frozen=True)
+class DeviceAliases:
+    """Device keys (or glob patterns) mapped onto the device key whose baselines they share.
+
+    Runner pools mix SKUs (A100 40 and 80 GB, SXM and PCIe, several CPU models); a project may
+    decide, deliberately and visibly, that they gate against one baseline set.
+    """
+
+    mapping: tuple[tuple[str, str], ...] = ()
+    source: str = ""
+
+    def resolve(self, device_key: str) -> str:
+        for pattern, target in self.mapping:
+            if pattern == device_key:
+                return target
+        import fnmatch
+
+        for pattern, target in self.mapping:
+            if fnmatch.fnmatchcase(device_key, pattern):
+                return target
+        return device_key
+
+
+_DEVICE_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def device_aliases(ini_lines: list[str], ini_source: str, pyproject: Path | None) -> DeviceAliases:
+    """Aliases from ini ``llmperf_device_aliases`` (lines ``KEY = TARGET``) and from
+    ``[tool.llmperf] device_aliases = {KEY = TARGET}``; the ini lines come first."""
+    pairs: list[tuple[str, str, str]] = []
+    for line in ini_lines:
+        if not line.strip():
+            continue
+        key, sep, target = line.partition("=")
+        if not sep:
+            raise SettingError(
+                f"ini llmperf_device_aliases{ini_source}: {line.strip()!r}: expected "
+                "DEVICE_KEY = BASELINE_DEVICE_KEY"
+            )
+        pairs.append((key.strip(), target.strip(), f"ini llmperf_device_aliases{ini_source}"))
+    table = tool_table(pyproject).get("device_aliases", {})
+    where = f"{pyproject}: [tool.llmperf] device_aliases"
+    if not isinstance(table, dict):
+        raise SettingError(f"{where}: expected a table of DEVICE_KEY = BASELINE_DEVICE_KEY")
+    pairs += [(str(k), v, where) for k, v in table.items()]
+    mapping = []
+    for key, target, source in pairs:
+        if not isinstance(target, str) or not _DEVICE_KEY.fullmatch(target) or "@" in target:
+            raise SettingError(
+                f"{source}: {key!r} = {target!r}: the target must be a device key as in "
+                "baselines/<device-key>/ (lowercase letters, digits, '.', '_', '-')"
+            )
+        if not key or not re.fullmatch(r"[a-z0-9.*?\[\]_-]+", key):
+            raise SettingError(
+                f"{source}: {key!r}: expected a device key or a glob pattern such as "
+                "'cuda-nvidia-a100-*'"
+            )
+        mapping.append((key, target))
+    sources = sorted({source for _, _, source in pairs})
+    return DeviceAliases(tuple(mapping), "; ".join(sources))
+
+
+def check_directory(path: Path, source: str, *, must_write: bool, create: bool = False) -> None:
+    """Fail at start-up, with one line naming the option, when ``path`` cannot serve as the
+    directory it is meant to be: a run that measured for an hour and then cannot write its
+    report or baselines has lost the hour."""
+    where = f"{source}: " if source != "default" else ""
+    if path.exists():
+        if not path.is_dir():
+            raise SettingError(f"{where}{path} exists and is not a directory")
+        target = path
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise SettingError(f"{where}{path}: {target} is a file, not a directory")
+        if create:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SettingError(f"{where}{path}: cannot create it ({exc.strerror})") from None
+            target = path
+    if must_write and not os.access(target, os.W_OK | os.X_OK):
+        raise SettingError(f"{where}{path}: not writable by this user")

@@ -1,8 +1,9 @@
 """The run's state: settings, the model cache, verdicts and what goes into reports and baselines.
 
-One object per pytest process, held in ``config.stash``. Workers of pytest-xdist judge their own
-tests; the controller collects every record from the test reports and is the only writer of
-the report and of baseline files.
+One object per pytest process, held in ``config.stash`` and created only when a test uses
+llmperf (the plugin is loaded by every pytest run in the environment). Workers of
+pytest-xdist judge their own tests; the controller collects every record from the test
+reports and is the only writer of the report and of baseline files.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import backends, baselines, provenance, report, verdict
+from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
-from .metrics import main_metric
 from .results import Record
-from .runner import BUSY_NOTE, INCONCLUSIVE_NOTE, ModelCache
-from .settings import Settings
+from .runner import ModelCache
+from .settings import DeviceAliases, Settings
+
+#: ``LLMPERF_RECORD_RUN=n/N`` is set by ``llmperf baselines record`` for its runs: runs 2…N
+#: append to the history run 1 started, whatever their verdict.
+RECORD_RUN_ENV = "LLMPERF_RECORD_RUN"
 
 
 @dataclass
@@ -31,17 +35,25 @@ class JudgeOutcome:
 class RunState:
     settings: Settings
     rootdir: Path
-    selected_backends: list[str]
+    baselines_root: Path
+    report_dir: Optional[Path] = None
+    aliases: DeviceAliases = field(default_factory=DeviceAliases)
+    #: pytest-xdist workers of this session (0: not distributed).
+    workers: int = 0
     benchmark_json: Optional[str] = None
     cache: ModelCache = field(default_factory=ModelCache)
     rows: list[dict[str, Any]] = field(default_factory=list)
     collected_keys: set[tuple[str, str]] = field(default_factory=set)
+    #: Tests skipped by llmperf: {"nodeid", "kind": "backend" | "node", "backend", "reason"}.
+    skips: list[dict[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     changes: list[baselines.Change] = field(default_factory=list)
+    _selected: Optional[list[str]] = None
     _device_keys: dict[str, str] = field(default_factory=dict)
     _provenance: dict[str, dict] = field(default_factory=dict)
     _devices: dict[str, dict] = field(default_factory=dict)
     _files: dict[Path, Any] = field(default_factory=dict)
+    _report_failed: bool = False
 
     @classmethod
     def create(
@@ -49,21 +61,27 @@ class RunState:
         settings: Settings,
         *,
         rootdir: Path,
+        baselines_root: Optional[Path] = None,
+        report_dir: Optional[Path] = None,
+        aliases: Optional[DeviceAliases] = None,
+        workers: int = 0,
     ) -> RunState:
         return cls(
             settings=settings,
             rootdir=rootdir,
-            selected_backends=backends.select(settings.backend),
+            baselines_root=baselines_root or rootdir / "baselines",
+            report_dir=report_dir,
+            aliases=aliases or DeviceAliases(),
+            workers=workers,
         )
 
     # -- where things are ----------------------------------------------------------------
     @property
-    def baselines_root(self) -> Path:
-        value = self.settings.baselines
-        if not value:
-            return self.rootdir / "baselines"
-        path = Path(value)
-        return path if path.is_absolute() else self.rootdir / path
+    def selected_backends(self) -> list[str]:
+        # Probed on first use, not at configure: most pytest runs never ask.
+        if self._selected is None:
+            self._selected = backends.select(self.settings.backend)
+        return self._selected
 
     @property
     def updating(self) -> bool:
@@ -72,6 +90,12 @@ class RunState:
     @property
     def gating(self) -> bool:
         return not (self.settings.no_gate or self.updating)
+
+    @property
+    def policy(self) -> gate.GatePolicy:
+        return gate.GatePolicy(
+            gating=self.gating, confirm=self.settings.confirm, strict=self.settings.strict
+        )
 
     def describe(self) -> str:
         mode = "updating baselines" if self.updating else ("gate on" if self.gating else "no gate")
@@ -89,17 +113,40 @@ class RunState:
             f"{self.settings.rounds} rounds after {self.settings.warmup} warm-up"
         )
 
+    def header_lines(self) -> list[str]:
+        lines = [f"llmperf: backends {', '.join(self.selected_backends)}; {self.describe()}"]
+        if self.aliases.mapping:
+            pairs = ", ".join(f"{k} → {v}" for k, v in self.aliases.mapping)
+            lines.append(f"llmperf: device aliases ({self.aliases.source}): {pairs}")
+        if self.workers > 1:
+            lines.append(
+                f"llmperf: {self.workers} pytest-xdist workers share each device: their "
+                "measurements compete; regressions measured so are inconclusive (run without "
+                "-n for numbers to gate on)"
+            )
+        if os.environ.get("CI") and self.updating:
+            lines.append("llmperf: updating baselines in CI: results are not gated")
+        return lines
+
+    def real_device_key(self, backend: Backend) -> str:
+        return baselines.safe_component(backend.device_key())
+
     def device_key(self, backend: Backend) -> str:
+        """The device key this backend's baselines are kept under (after device_aliases)."""
         if backend.name not in self._device_keys:
-            self._device_keys[backend.name] = baselines.safe_component(backend.device_key())
-            self._devices[backend.name] = backend.device_info() | {
-                "key": self._device_keys[backend.name]
-            }
+            real = self.real_device_key(backend)
+            key = self.aliases.resolve(real)
+            self._device_keys[backend.name] = key
+            self._devices[backend.name] = backend.device_info() | {"key": key}
         return self._device_keys[backend.name]
 
     def provenance(self, backend: Backend) -> dict[str, Any]:
         if backend.name not in self._provenance:
-            self._provenance[backend.name] = provenance.collect(backend, self.rootdir)
+            prov = provenance.collect(backend, self.rootdir)
+            real = self.real_device_key(backend)
+            if real != self.device_key(backend):
+                prov["device_key"] = real  # measured on an aliased device
+            self._provenance[backend.name] = prov
         return self._provenance[backend.name]
 
     def baseline_path(self, device_key: str, suite: str) -> Path:
@@ -158,7 +205,7 @@ class RunState:
     ) -> JudgeOutcome:
         """Verdicts for one test's records, and the failure message when the gate trips.
 
-        ``records`` is updated in place when a regression was re-measured: the report and any
+        ``records`` is updated in place when a change was re-measured: the report and any
         baseline update carry the measurement the verdict was made on.
         """
         verdicts: list[Optional[verdict.EntryVerdict]] = []
@@ -184,24 +231,17 @@ class RunState:
                 continue
             runs = base.runs(record.key) if base is not None else []
             measured = {n for n, m in record.metrics.items() if m.value is not None}
-            gate = self.gate_settings(marker, overrides.get(record.key), measured, record.backend)
-            entry = verdict.judge(record, runs, gate)
-            again = (remeasure or {}).get(record.key)
-            if self.gating and again is not None and _confirmable(entry):
-                record, entry = self._confirm(record, entry, runs, gate, again)
-                records[index] = record
-            verdicts.append(entry)
-            if not self.gating:
-                continue
-            busy = BUSY_NOTE in record.note and not self.settings.strict
-            if busy and _confirmable(entry) and not all(m.limit for m in entry.failures()):
-                # Numbers taken while other processes fought for the CPU say nothing about
-                # the code; a red here would be noise. --llmperf-strict fails it anyway.
-                record.note += f"; {INCONCLUSIVE_NOTE}"
-                continue
-            if entry.failed:
-                problems.append(self._failure_text(record, entry, runs))
-            elif self.settings.strict and entry.worst is verdict.Verdict.NO_BASELINE:
+            settings = self.gate_settings(
+                marker, overrides.get(record.key), measured, record.backend
+            )
+            decision = gate.decide(
+                record, runs, settings, self.policy, (remeasure or {}).get(record.key)
+            )
+            records[index] = decision.record
+            verdicts.append(decision.verdict)
+            if decision.failed:
+                problems.append(report.failure_text(decision.record, decision.verdict, runs))
+            elif decision.missing_baseline:
                 path = self.baseline_path(record.device_key, record.suite)
                 problems.append(
                     f"{record.key}: no baseline in {path} and --llmperf-strict is set; "
@@ -209,150 +249,237 @@ class RunState:
                 )
         return JudgeOutcome(verdicts, "\n".join(problems) if problems else None)
 
-    def _confirm(
-        self,
-        record: Record,
-        entry: verdict.EntryVerdict,
-        runs: list[dict],
-        gate: verdict.GateSettings,
-        again: Callable[[], Record],
-    ) -> tuple[Record, verdict.EntryVerdict]:
-        """Re-measure a regressed workload; it fails only if no measurement passes.
-
-        Noise on shared machines is bursty: a neighbour's job slows one workload for a few
-        seconds (measured here: single runs 1.8x slower, the next workload unaffected). A real
-        regression is still there when measured again; a burst is not.
-        """
-        attempts = [record]
-        first_failure = entry.failures()[0].metric
-        while _confirmable(entry) and len(attempts) <= self.settings.confirm:
-            attempts.append(again())
-            best = min(attempts, key=_main_median)
-            entry = verdict.judge(best, runs, gate)
-        best = min(attempts, key=_main_median)
-        # The numbers of the metric that failed first, so the note speaks of what the gate saw.
-        name = first_failure
-        medians = ", ".join(
-            report.format_metric(r.value(name), name) if name in r.metrics else "-"
-            for r in attempts
-        )
-        if entry.failed:
-            word = f"regression confirmed by {len(attempts)} measurements ({medians})"
-        else:
-            word = (
-                f"not confirmed: re-measured {len(attempts) - 1}x ({medians}), judged on the best"
-            )
-        best.note = "; ".join(n for n in (best.note, word) if n)
-        return best, entry
-
-    def _failure_text(self, record: Record, entry: verdict.EntryVerdict, runs: list[dict]) -> str:
-        lines = [f"{record.key} on {record.device_key}:"]
-        lines += [
-            f"  {'over the limit' if m.limit else m.verdict.value}: {m.detail}"
-            for m in entry.failures()
-        ]
-        if "confirmed by" in record.note:
-            lines.append("  " + record.note.split("; ")[-1])
-        if all(m.limit for m in entry.failures()):
-            lines.append(
-                "  an absolute limit of the marker llmperf(...): raise it there if the new "
-                "numbers are acceptable"
-            )
-            return "\n".join(lines)
-        if runs:
-            changed = baselines.version_changes(
-                baselines.perf_versions(runs[-1].get("provenance", {})),
-                baselines.perf_versions(record.provenance),
-            )
-            lines.append(
-                "  changed since the baseline: " + (", ".join(changed) if changed else "nothing")
-            )
-        lines.append(
-            "  if the new numbers are right: pytest ... --llmperf-update-baselines "
-            "(or --llmperf-reset-baselines after an upgrade)"
-        )
-        return "\n".join(lines)
-
     # -- collecting and finishing --------------------------------------------------------
     def collect(self, nodeid: str, test_outcome: str, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             self.rows.append({"nodeid": nodeid, "test_outcome": test_outcome, **row})
             record = row["record"]
             self._devices.setdefault(record["backend"], {"key": record["device_key"]})
-        if self.settings.report:
-            report.write_results(self.report_dir, self.rows, self.run_info())
+        self._write_results()
 
-    @property
-    def report_dir(self) -> Path:
-        path = Path(self.settings.report)
-        return path if path.is_absolute() else self.rootdir / path
+    def note_skip(self, nodeid: str, info: dict[str, str]) -> None:
+        self.skips.append({"nodeid": nodeid, **info})
+
+    def _write_results(self) -> None:
+        if self.report_dir is None or self._report_failed:
+            return
+        try:
+            report.write_results(self.report_dir, self.rows, self.run_info())
+        except OSError as exc:
+            # The measurements go on (and baselines are still updated): a report that cannot
+            # be written is one error at the end, not an internal error per test.
+            self._report_failed = True
+            self.errors.append(f"report not written: {exc}")
 
     def run_info(self) -> dict[str, Any]:
         return {
-            "settings": {k: v for k, v in self.settings.values.items()},
+            "settings": dict(self.settings.values),
             "baselines": str(self.baselines_root),
             "label": self.settings.label,
+            "devices": {info["key"]: info for info in self._devices.values()},
         }
 
     def finish(self) -> None:
         if self.updating:
             self._update_baselines()
+        self.errors += self.strict_problems()
         text = report.summary_markdown(self.rows) if self.rows else None
-        if self.settings.report:
-            report.write_results(self.report_dir, self.rows, self.run_info())
-            (self.report_dir / "summary.md").write_text(text or report.summary_markdown([]))
+        if self.report_dir is not None:
+            self._write_results()
+            if not self._report_failed:
+                try:
+                    baselines.atomic_write(
+                        self.report_dir / "summary.md", text or report.summary_markdown([])
+                    )
+                except OSError as exc:
+                    self.errors.append(f"report not written: {exc}")
         step = os.environ.get("GITHUB_STEP_SUMMARY")
         if step and text:
-            with open(step, "a") as f:
-                f.write(text)
+            try:
+                with open(step, "a", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as exc:
+                self.errors.append(f"GITHUB_STEP_SUMMARY={step}: not written ({exc.strerror})")
         if self.benchmark_json:
-            report.write_benchmark_json(self.benchmark_json, self.benchmark_entries())
+            try:
+                report.write_benchmark_json(self.benchmark_json, self.benchmark_entries())
+            except OSError as exc:
+                self.errors.append(f"--benchmark-json: {exc}")
 
     def _update_baselines(self) -> None:
-        groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
-        devices: dict[str, dict] = {}
+        records = []
         for row in self.rows:
-            record = Record.from_json(row["record"])
             # A test that failed (its own assertion, a wrong token count) proves nothing about
             # the hardware; only passing tests' ok/oom results become history.
-            if record.outcome not in ("ok", "oom") or row["test_outcome"] != "passed":
-                continue
-            groups[(record.device_key, record.suite)].append(record)
-            devices[record.device_key] = self._devices.get(
-                record.backend, {"key": record.device_key, "backend": record.backend}
+            if row["test_outcome"] == "passed":
+                records.append(Record.from_json(row["record"]))
+        append_only = _record_run() > 1
+        self.changes += self.store(records, self._devices, append_only=append_only)
+
+    def store(
+        self,
+        records: list[Record],
+        devices: dict[str, dict[str, Any]],
+        *,
+        append_only: bool = False,
+        label: Optional[str] = None,
+    ) -> list[baselines.Change]:
+        """Merge ``records`` into their baseline files (one file per device and suite)."""
+        groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+        for record in records:
+            if record.outcome in baselines.STORED_OUTCOMES:
+                groups[(record.device_key, record.suite)].append(record)
+        by_key = {info.get("key"): info for info in devices.values()}
+        changes: list[baselines.Change] = []
+        for (device_key, suite), group in sorted(groups.items()):
+            device = by_key.get(device_key) or {"key": device_key, "backend": group[0].backend}
+            path = baselines.baseline_path(
+                self.baselines_root, device_key, suite, label or self.settings.label
             )
-        for (device_key, suite), records in sorted(groups.items()):
-            path = self.baseline_path(device_key, suite)
             try:
-                self.changes += baselines.update(
+                changes += baselines.update(
                     path,
-                    records,
-                    device=devices[device_key],
+                    group,
+                    device={**device, "key": device_key},
                     suite=suite,
                     keep_runs=self.settings.baseline_runs,
                     reset=bool(self.settings.reset_baselines),
+                    append_only=append_only,
                 )
-            except (baselines.BaselineError, OSError) as exc:
+            except (baselines.BaselineError, OSError, ValueError) as exc:
                 self.errors.append(f"baselines not updated: {exc}")
+        return changes
+
+    # -- what the run checked ------------------------------------------------------------
+    def coverage(self) -> report.Coverage:
+        """How many workloads were judged against a baseline, and why the others were not."""
+        cov = report.Coverage(gating=self.gating, updating=self.updating)
+        missing: dict[str, int] = defaultdict(int)
+        for row in self.rows:
+            record = row["record"]
+            cov.total += 1
+            v = row.get("verdict")
+            if record["outcome"] == "error":
+                cov.reasons.append("1 crashed (outcome error): see its test's failure")
+                continue
+            if v is None:
+                cov.reasons.append(f"1 not judged: {record['key']}: its baseline is unusable")
+                continue
+            if not _no_history(v):
+                cov.judged += 1
+                continue
+            missing[self._missing_reason(record["device_key"], record["suite"])] += 1
+        for reason, count in sorted(missing.items()):
+            cov.reasons.append(f"{count} not judged: {reason}")
+        self._skip_reasons(cov)
+        cov.hints = self._hints(cov)
+        return cov
+
+    def _missing_reason(self, device_key: str, suite: str) -> str:
+        path = self.baseline_path(device_key, suite)
+        if not self.baselines_root.is_dir():
+            return f"the baselines directory {self.baselines_root} does not exist"
+        if not path.parent.is_dir():
+            return f"no baselines for device key {path.parent.name} in {self.baselines_root}"
+        if not path.is_file():
+            return f"no file {path}"
+        return f"no entry for it in {path}"
+
+    def _skip_reasons(self, cov: report.Coverage) -> None:
+        grouped: dict[tuple[str, str], int] = defaultdict(int)
+        for skip in self.skips:
+            grouped[(skip["kind"], skip["reason"])] += 1
+        for (kind, reason), count in sorted(grouped.items()):
+            cov.total += count
+            tests = f"{count} test{'s' if count != 1 else ''}"
+            if kind == "backend":
+                cov.unavailable += count
+                cov.reasons.append(f"{tests} not run: {reason}")
+            else:
+                cov.reasons.append(f"{tests} skipped: {reason}")
+        cov.all_unavailable = bool(self.skips) and cov.unavailable == cov.total
+
+    def _hints(self, cov: report.Coverage) -> list[str]:
+        if cov.judged == cov.total or not self.gating:
+            return []
+        hints = []
+        known = _device_dirs(self.baselines_root)
+        for device_key in sorted({row["record"]["device_key"] for row in self.rows}):
+            if device_key in known or not known:
+                continue
+            others = ", ".join(known)
+            hints.append(f"{self.baselines_root} has baselines for: {others}")
+            close = _closest(device_key, known)
+            if close:
+                hints += [
+                    f"to gate {device_key} against {close[0]}'s baselines deliberately, add to "
+                    "pyproject.toml:",
+                    f'    [tool.llmperf]\n    device_aliases = {{ "{device_key}" = "{close[0]}" }}',
+                ]
+        if cov.judged < cov.total - cov.unavailable:
+            hints.append(
+                "to record baselines on this node: llmperf baselines record --runs 3 "
+                "<your pytest arguments>"
+            )
+        return hints
+
+    def strict_problems(self) -> list[str]:
+        """Run-level failures of --llmperf-strict: a run that checked nothing is not green."""
+        if not (self.settings.strict and self.gating):
+            return []
+        cov = self.coverage()
+        problems = []
+        for skip in self.skips:
+            if skip["kind"] == "backend":
+                problems.append(
+                    f"--llmperf-strict: {skip['reason']} ({skip['nodeid']} did not run)"
+                )
+        if cov.total and cov.judged == 0 and not problems:
+            problems.append("--llmperf-strict: no workload was judged against a baseline")
+        return problems
 
     def summary_lines(self, width: int = 120) -> list[str]:
         lines = report.terminal_table(self.rows, width=width, updating=self.updating)
         if self.updating:
             lines.append("= llmperf baselines")
             lines += [str(c) for c in self.changes] or ["no baseline changed"]
-        lines += [f"ERROR {e}" for e in self.errors]
         return lines
 
     def benchmark_entries(self) -> list[dict[str, Any]]:
         return report.benchmark_entries(self.rows)
 
 
-def _main_median(record: Record) -> float:
-    value = record.value(main_metric(record.metrics))
-    return float("inf") if value is None else value
+def _no_history(v: dict[str, Any]) -> bool:
+    outcome = next((m for m in v.get("metrics", []) if m["metric"] == "outcome"), None)
+    return outcome is not None and outcome["verdict"] == "no-baseline"
 
 
-def _confirmable(entry: verdict.EntryVerdict) -> bool:
-    """Failed on measured numbers only: an OOM or a changed output does not go away."""
-    failures = entry.failures()
-    return bool(failures) and all(m.verdict is verdict.Verdict.REGRESSED for m in failures)
+def _record_run() -> int:
+    text = os.environ.get(RECORD_RUN_ENV, "")
+    try:
+        return int(text.split("/", 1)[0])
+    except ValueError:
+        return 0
+
+
+def _device_dirs(root: Path) -> list[str]:
+    try:
+        return sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.json"))
+        )
+    except OSError:
+        return []
+
+
+def _closest(device_key: str, known: list[str]) -> list[str]:
+    """Device keys of the same backend, most similar first (same vendor and family first)."""
+    import difflib
+
+    backend = device_key.split("-", 1)[0]
+    same = [k.split("@", 1)[0] for k in known if k.split("-", 1)[0] == backend]
+    return sorted(
+        dict.fromkeys(same),
+        key=lambda k: -difflib.SequenceMatcher(None, device_key, k).ratio(),
+    )

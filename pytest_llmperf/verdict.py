@@ -107,8 +107,6 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from scipy import stats
-
 from .metrics import DEFAULT_GATED, METRICS, metric
 from .results import MetricValue, Record
 
@@ -402,11 +400,17 @@ def _prediction_p(current: float, medians: Sequence[float], worse_is_greater: bo
     sd = statistics.stdev(medians)
     if sd == 0:
         return None
+    # scipy costs ~0.4 s to import: only a run that judges pays it (the plugin is loaded by
+    # every pytest run in the environment, most of which never judge anything).
+    from scipy import stats
+
     t = (current - statistics.fmean(medians)) / (sd * math.sqrt(1 + 1 / n))
     return float(stats.t.sf(t, n - 1) if worse_is_greater else stats.t.cdf(t, n - 1))
 
 
 def _mwu_p(current: Sequence[float], base: Sequence[float], greater: bool) -> float:
+    from scipy import stats
+
     res = stats.mannwhitneyu(
         list(current), list(base), alternative="greater" if greater else "less"
     )

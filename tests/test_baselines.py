@@ -123,7 +123,7 @@ def test_file_bytes_are_deterministic(tmp_path: Path) -> None:
 
     # Rewriting the same history (a reset with identical input) is byte-identical too.
     before = a.read_bytes()
-    do_update(a, records)
+    do_update(a, records, now="2026-11-23T03:00:00Z")
     assert a.read_bytes() != before  # two runs now
     do_update(a, records, reset=True)
     assert a.read_bytes() == before
@@ -217,8 +217,8 @@ def test_version_change_restarts_history(tmp_path: Path) -> None:
 
 def test_reset_starts_history_afresh(tmp_path: Path) -> None:
     path = tmp_path / "cpu-x" / "test_a.json"
-    for _ in range(3):
-        do_update(path, [make_record()])
+    for day in range(3):
+        do_update(path, [make_record()], now=f"2026-11-2{day}T03:00:00Z")
     changes = do_update(path, [make_record(latency=0.2), make_record("test_new")], reset=True)
     assert [(c.key, c.action, c.detail) for c in changes] == [
         (KEY, "reset", "history reset: 3 old run(s) dropped"),
@@ -522,7 +522,7 @@ def test_lock_held_too_long_is_a_clear_error(tmp_path: Path, monkeypatch) -> Non
     before = path.read_bytes()
     monkeypatch.setattr(bl, "LOCK_TIMEOUT_S", 0.05)
     with (
-        filelock.FileLock(str(path) + ".lock"),
+        filelock.FileLock(str(bl._lock_path(path))),
         pytest.raises(BaselineError, match="could not take the lock"),
     ):
         do_update(path, [make_record(latency=0.5)])

@@ -1,0 +1,149 @@
+"""The gate policy: from one measured record and its baseline history to pass, fail or
+inconclusive, including the re-measurement that confirms a change.
+
+Pure code (no pytest, no files): the plugin calls :func:`decide` when a test ends, and
+``benchmarks/gate_quality.py`` can call it on pooled runs. The statistics per metric live in
+:mod:`pytest_llmperf.verdict`; this module adds what a CI gate needs on top of them:
+
+* **confirmation** — noise on shared machines comes in bursts (a neighbour's job slows one
+  workload for a few seconds; measured here: single runs 1.8x slower, the next workload
+  unaffected). A change is measured again, up to ``confirm`` times, and judged on the
+  measurement least in its favour: the best one for a regression, the worst one for an
+  improvement. A real change is still there when measured again; a burst is not.
+* **contention** — numbers taken while another job ran on the node (load average) or while
+  pytest-xdist workers shared the device say nothing about the code: a regression then is
+  *inconclusive* and does not fail, unless ``strict``.
+* **a new level** — a change that survived confirmation is recorded on the record
+  (``record.change``), so accepting the run (``--llmperf-update-baselines``) starts a fresh
+  history instead of appending one run that the median of the old ones would outvote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from . import verdict
+from .results import Record
+
+Remeasure = Callable[[], Record]
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """How the gate acts on a verdict (the statistics are :class:`verdict.GateSettings`)."""
+
+    #: A failed verdict fails the test (off under --llmperf-no-gate and while updating).
+    gating: bool = True
+    #: Re-measurements allowed to confirm a change (--llmperf-confirm).
+    confirm: int = 2
+    #: Contended regressions and missing baselines fail too (--llmperf-strict).
+    strict: bool = False
+
+
+@dataclass
+class GateDecision:
+    #: The measurement the verdict was made on (one of the confirmation's, when re-measured).
+    record: Record
+    verdict: verdict.EntryVerdict
+    #: The test fails because of this verdict.
+    failed: bool
+    #: The verdict failed but the numbers were contended, so the test does not fail.
+    inconclusive: bool
+    #: No baseline, and --llmperf-strict asks for one.
+    missing_baseline: bool
+
+
+def change_of(entry: verdict.EntryVerdict) -> Optional[str]:
+    """``"regressed"``, ``"improved"``, ``"limit"`` (only absolute limits failed) or None.
+
+    An OOM or a changed greedy output is not noise: it is never re-measured and never a
+    "change" of level (the outcome and digest are compared on their own).
+    """
+    failures = entry.failures()
+    if failures:
+        if not all(m.verdict is verdict.Verdict.REGRESSED for m in failures):
+            return None
+        return "limit" if all(m.limit for m in failures) else "regressed"
+    if any(m.gated and m.verdict is verdict.Verdict.IMPROVED for m in entry.metrics):
+        return "improved"
+    return None
+
+
+def _headline(record: Record) -> float:
+    value = record.median
+    return float("inf") if value is None else value
+
+
+def _confirm(
+    record: Record,
+    entry: verdict.EntryVerdict,
+    runs: list[dict[str, Any]],
+    settings: verdict.GateSettings,
+    again: Remeasure,
+    allowed: int,
+) -> tuple[Record, verdict.EntryVerdict]:
+    direction = change_of(entry)
+    # Judge on the measurement least in favour of the change.
+    pick = max if direction == "improved" else min
+    attempts = [record]
+    chosen = record
+    while change_of(entry) == direction and len(attempts) <= allowed:
+        attempts.append(again())
+        chosen = pick(attempts, key=_headline)
+        entry = verdict.judge(chosen, runs, settings)
+    medians = [_headline(r) for r in attempts]
+    chosen.measurements = medians
+    shown = ", ".join(verdict.format_value(m, "s") for m in medians)
+    n = len(attempts)
+    if change_of(entry) == direction:
+        word = {
+            "regressed": f"regression confirmed by {n} measurements ({shown})",
+            "limit": f"over the limit in all {n} measurements ({shown})",
+            "improved": f"improvement confirmed by {n} measurements ({shown})",
+        }[str(direction)]
+    else:
+        side = "worst" if direction == "improved" else "best"
+        word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the {side}"
+    chosen.note = "; ".join(n for n in (chosen.note, word) if n)
+    return chosen, entry
+
+
+def decide(
+    record: Record,
+    runs: list[dict[str, Any]],
+    settings: verdict.GateSettings,
+    policy: GatePolicy,
+    again: Optional[Remeasure] = None,
+) -> GateDecision:
+    """Judge ``record`` against ``runs`` (oldest first) under ``policy``.
+
+    ``again`` measures the same workload once more (None: it cannot be re-measured). The
+    returned record may be another measurement than ``record``; its ``change``,
+    ``inconclusive`` and ``measurements`` fields and its note say what the gate did.
+    """
+    entry = verdict.judge(record, runs, settings)
+    # Confirmed also when not gating: the report should not call a burst a regression, and
+    # storing the run (--llmperf-update-baselines) must know whether the level changed.
+    if again is not None and policy.confirm > 0 and change_of(entry):
+        record, entry = _confirm(record, entry, runs, settings, again, policy.confirm)
+    direction = change_of(entry)
+    failed = entry.failed
+    limits_only = direction == "limit"
+    inconclusive = failed and record.contended and not policy.strict and not limits_only
+    if inconclusive:
+        record.note = "; ".join(
+            n for n in (record.note, "inconclusive: regressed while the device was contended") if n
+        )
+    record.inconclusive = inconclusive
+    record.change = (
+        direction if direction in ("regressed", "improved") and not record.contended else None
+    )
+    missing = policy.gating and policy.strict and entry.worst is verdict.Verdict.NO_BASELINE
+    return GateDecision(
+        record=record,
+        verdict=entry,
+        failed=policy.gating and failed and not inconclusive,
+        inconclusive=inconclusive,
+        missing_baseline=missing,
+    )

@@ -859,6 +859,46 @@ def update(
     return changes
 
 
+def store_records(
+    root: _PathLike,
+    records: Sequence[Record],
+    *,
+    devices: Mapping[str, Mapping[str, Any]],
+    label: str | None = None,
+    keep_runs: int = 5,
+    reset: bool = False,
+    append_only: bool = False,
+) -> tuple[list[Change], list[str]]:
+    """Merge records into their files, one per device key and suite: (changes, errors).
+
+    ``devices`` maps anything to device info dicts with a ``key`` (the file's ``device``
+    field); a device without one is described by its key and backend alone. A file that
+    cannot be updated (corrupt, unwritable) is an error line naming it; the others still are.
+    """
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        if record.outcome in STORED_OUTCOMES:
+            groups.setdefault((record.device_key, record.suite), []).append(record)
+    by_key = {info.get("key"): dict(info) for info in devices.values()}
+    changes: list[Change] = []
+    errors: list[str] = []
+    for (device_key, suite), group in sorted(groups.items()):
+        device = by_key.get(device_key) or {"key": device_key, "backend": group[0].backend}
+        try:
+            changes += update(
+                baseline_path(root, device_key, suite, label),
+                group,
+                device={**device, "key": device_key},
+                suite=suite,
+                keep_runs=keep_runs,
+                reset=reset,
+                append_only=append_only,
+            )
+        except (BaselineError, OSError, ValueError) as exc:
+            errors.append(f"baselines not updated: {exc}")
+    return changes, errors
+
+
 def _same_run_stored(run: dict[str, Any], old: list[dict[str, Any]]) -> bool:
     run_id = (run.get("provenance") or {}).get("run_id")
     if run_id:

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__, baselines, report
 from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
+from .state import RECORD_RUN_ENV
 from .verdict import GateSettings, Verdict, between_run_spread, compare_metric, format_value
 
 
@@ -62,14 +64,14 @@ def print_table(rows: list[list[str]], out: Any = None) -> None:
 
 def cmd_record(args: argparse.Namespace) -> int:
     """N fresh pytest processes, each appending one run: between-run noise is what a gate needs."""
-    if args.runs < 1:
-        raise CliError(f"--runs {args.runs}: expected a positive integer")
     pytest_args = [a for a in args.pytest_args if a != "--"]
     for n in range(1, args.runs + 1):
         extra = ["--llmperf-reset-baselines"] if (args.reset and n == 1) else []
         cmd = [sys.executable, "-m", "pytest", *pytest_args, "--llmperf-update-baselines", *extra]
         print(f"llmperf: recording run {n}/{args.runs}: {' '.join(cmd[2:])}", flush=True)
-        code = subprocess.call(cmd)
+        # Runs 2…N append to the history run 1 started, whatever their verdict (state.py).
+        env = {**os.environ, RECORD_RUN_ENV: f"{n}/{args.runs}"}
+        code = subprocess.call(cmd, env=env)
         if code != 0:
             print(
                 f"llmperf: run {n} exited with {code}; stopping (runs already recorded are kept)",
@@ -233,29 +235,52 @@ def cmd_diff(args: argparse.Namespace) -> int:
 # -- baselines prune -----------------------------------------------------------------------------
 
 
-def collected_keys(pytest_args: Sequence[str]) -> tuple[set[tuple[str, str]], set[str]]:
-    """(suite, key) of every test the pytest arguments collect (before -k/-m deselection),
-    and the device keys of this node's usable backends, from a subprocess."""
+@dataclass
+class Collected:
+    """What a ``pytest --collect-only`` of the user's arguments found."""
+
+    keys: set[tuple[str, str]]  # (suite, key) of every llmperf test, before -k/-m deselection
+    suites: set[str]  # stems of every collected test file
+    devices: set[str]  # device keys of this node's usable backends
+
+
+def collect(pytest_args: Sequence[str]) -> Collected:
+    """Collect in a subprocess, exactly as ``pytest`` would; refuse anything short of success.
+
+    A collection that failed or found nothing proves nothing about which baselines are
+    stale: pruning on it would delete every entry.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "keys.json"
         cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", *pytest_args]
         env = {**os.environ, "LLMPERF_KEYS_OUT": str(out)}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode not in (0, 5) or not out.exists():
+        shown = " ".join(cmd[2:])
+        if proc.returncode == 5:
+            raise CliError(f"pytest collected no tests ({shown}); nothing pruned")
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stdout + proc.stderr).strip()[-2000:]
             raise CliError(
-                f"collecting tests failed ({' '.join(cmd[2:])}, exit {proc.returncode}):\n"
-                + (proc.stdout + proc.stderr).strip()[-2000:]
+                f"collecting tests failed ({shown}, exit {proc.returncode}); nothing pruned:\n"
+                + tail
             )
         data = json.loads(out.read_text())
-        return {(s, k) for s, k in data["keys"]}, set(data["devices"])
+    return Collected(
+        keys={(s, k) for s, k in data["keys"]},
+        suites=set(data["suites"]),
+        devices=set(data["devices"]),
+    )
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _split_prune_args(args: argparse.Namespace) -> list[str]:
     rest = [a for a in args.pytest_args if a != "--"]
     # `prune suites --yes` reads naturally; REMAINDER would hand --yes/--dir to pytest.
     if "--yes" in rest:
         rest.remove("--yes")
         args.yes = True
+    if "--all-devices" in rest:
+        rest.remove("--all-devices")
+        args.all_devices = True
     for i, a in enumerate(list(rest)):
         if a == "--dir" and i + 1 < len(rest):
             args.dir = rest[i + 1]
@@ -265,24 +290,106 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.dir = a.split("=", 1)[1]
             rest.remove(a)
             break
+    return rest
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    rest = _split_prune_args(args)
     root = _baseline_dir(args.dir)
-    live, devices = collected_keys(rest)
+    found = collect(rest)
+    if not found.keys:
+        raise CliError(
+            f"no llmperf test among the {len(found.suites)} collected test files "
+            f"({' '.join(rest) or '.'}); nothing pruned"
+        )
+    live = set(found.keys)
+    files = baselines.load_dir(root)
     # Named workloads ("key:name") exist only at run time; they live while their test does.
-    for (_device, suite), bf in baselines.load_dir(root).items():
+    for (_device, suite), bf in files.items():
         live |= {(suite, k) for k in bf.entries if (suite, k.split(":", 1)[0]) in live}
-    only = None if args.all_devices else devices
-    stale = baselines.prune(root, live, dry_run=not args.yes, devices=only)
+    only = None if args.all_devices else found.devices
+    stale = baselines.prune(root, live, dry_run=not args.yes, devices=only, suites=found.suites)
     scope = "every device" if only is None else ", ".join(sorted(only)) or "no device"
+    kept = sorted(
+        {
+            f"{device}/{suite}.json"
+            for (device, suite) in files
+            if suite not in found.suites and (only is None or device.split("@", 1)[0] in only)
+        }
+    )
+    if kept:
+        print(
+            f"kept (their test files were not collected): {', '.join(kept)}; if a suite was "
+            "deleted, remove its baseline file by hand"
+        )
     if not stale:
         print(f"nothing to prune under {args.dir} ({scope}): every entry is produced by a test")
         return 0
-    print(f"pruning entries of {scope} (other devices' entries are kept; --all-devices for all)")
+    per_file: dict[Path, int] = {}
+    for path, _key in stale:
+        per_file[path] = per_file.get(path, 0) + 1
     verb = "removed" if args.yes else "would remove"
+    print(f"pruning entries of {scope} (other devices' entries are kept; --all-devices for all)")
     for path, key in stale:
         print(f"{verb}: {path}: {key}")
-    if not args.yes:
-        print(f"{len(stale)} stale entries; run again with --yes to remove them")
+    summary = ", ".join(f"{n} from {path}" for path, n in sorted(per_file.items()))
+    if args.yes:
+        print(f"removed {len(stale)} stale entries: {summary}")
+    else:
+        print(f"{len(stale)} stale entries ({summary}); run again with --yes to remove them")
     return 0
+
+
+# -- baselines accept ----------------------------------------------------------------------------
+
+
+def _acceptable(row: dict[str, Any]) -> bool:
+    # A test that failed for its own reason (an assertion, a crash) proves nothing; one that
+    # failed only because the gate judged its numbers is exactly what accepting is for.
+    return row["record"]["outcome"] in baselines.STORED_OUTCOMES and (
+        row.get("test_outcome") == "passed" or bool(row.get("gate_failed"))
+    )
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    """Store the runs of results files (CI artifacts) as --llmperf-update-baselines would."""
+    root = Path(args.dir)
+    total: list[baselines.Change] = []
+    errors: list[str] = []
+    for name in args.results:
+        data = report.load_results_file(Path(name))
+        rows = data["results"]
+        run = data.get("run") or {}
+        ok = [row for row in rows if _acceptable(row)]
+        skipped = len(rows) - len(ok)
+        label = args.label or run.get("label")
+        keep = args.baseline_runs or (run.get("settings") or {}).get("baseline_runs") or 5
+        records = [Record.from_json(row["record"]) for row in ok]
+        changes, failed = baselines.store_records(
+            root,
+            records,
+            devices=run.get("devices") or {},
+            label=label,
+            keep_runs=int(keep),
+        )
+        where = f"{root}" + (f" (label {label})" if label else "")
+        print(
+            f"{name}: {len(ok)} results into {where}"
+            + (
+                f"; {skipped} not accepted (error outcome, or their test failed for its own reason)"
+                if skipped
+                else ""
+            )
+        )
+        for change in changes:
+            print(f"  {change}")
+        total += changes
+        errors += failed
+    for error in errors:
+        print(f"llmperf: error: {error}", file=sys.stderr)
+    if not total and not errors:
+        print("nothing to accept")
+    return 1 if errors else 0
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -291,15 +398,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for path in args.results:
-        try:
-            rows += report.load_results(Path(path))
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-    for row in rows:
-        Record.from_json(row["record"])  # validates the shape early, with the key in the error
+        rows += report.load_results_file(Path(path))["results"]
     text = report.summary_markdown(rows)
     if args.output:
-        Path(args.output).write_text(text)
+        try:
+            baselines.atomic_write(Path(args.output), text)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc}") from None
         print(f"wrote {args.output} ({len(rows)} results from {len(args.results)} files)")
     else:
         print(text, end="")
@@ -307,6 +412,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # -- entry point ---------------------------------------------------------------------------------
+
+
+def _alpha(text: str) -> float:
+    from .settings import SettingError, parse_alpha
+
+    try:
+        return parse_alpha(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "record",
         help="run pytest N times in fresh processes, each appending a baseline run",
     )
-    rec.add_argument("--runs", type=int, default=3, help="fresh pytest processes (default 3)")
+    rec.add_argument("--runs", type=_positive, default=3, help="fresh pytest processes (default 3)")
     rec.add_argument("--reset", action="store_true", help="start the history afresh on run 1")
     rec.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
     rec.set_defaults(func=cmd_record)
@@ -335,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff = bsub.add_parser("diff", help="compare two baseline directories or git:REV")
     diff.add_argument("old")
     diff.add_argument("new")
-    diff.add_argument("--alpha", type=float, default=0.01)
+    diff.add_argument("--alpha", type=_alpha, default=0.01, help="significance level (0, 0.5]")
     diff.add_argument("--repo", default=".", help="git repository for git:REV (default .)")
     diff.set_defaults(func=cmd_diff)
 
@@ -350,6 +474,22 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest args to collect")
     prune.set_defaults(func=cmd_prune)
 
+    acc = bsub.add_parser(
+        "accept",
+        help="store the runs of results.json files (e.g. CI artifacts) as "
+        "--llmperf-update-baselines would have",
+    )
+    acc.add_argument("results", nargs="+", help="results.json files written by --llmperf-report")
+    acc.add_argument("--dir", default="baselines", help="baseline directory (default baselines)")
+    acc.add_argument("--label", default=None, help="store under this label (default: the run's)")
+    acc.add_argument(
+        "--baseline-runs",
+        type=_positive,
+        default=None,
+        help="runs of history kept per entry (default: the run's setting)",
+    )
+    acc.set_defaults(func=cmd_accept)
+
     rep = sub.add_parser("report", help="merge results.json files into one Markdown report")
     rep.add_argument("results", nargs="+")
     rep.add_argument("-o", "--output")
@@ -361,7 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, baselines.BaselineError) as exc:
+    except (CliError, baselines.BaselineError, baselines.WriteError, report.ResultsError) as exc:
         print(f"llmperf: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `llmperf baselines show | head`

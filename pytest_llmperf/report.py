@@ -49,14 +49,52 @@ def write_results(directory: Path, rows: list[dict[str, Any]], info: dict[str, A
     return path
 
 
-def load_results(path: Path) -> list[dict[str, Any]]:
+class ResultsError(ValueError):
+    """A results file that cannot be read; the message names the file and the field."""
+
+
+_RECORD_FIELDS = {"key": str, "suite": str, "backend": str, "device_key": str, "outcome": str}
+
+
+def load_results_file(path: Path) -> dict[str, Any]:
+    """Read and check a results.json written by --llmperf-report (for report and accept)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable results file ({exc})") from None
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ResultsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ResultsError(
+            f"{path}: not UTF-8 text (byte {exc.start}); not a results.json"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResultsError(f"{path}: not valid JSON ({first}); not a results.json") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-        raise ValueError(f"{path}: field 'results' missing: not an llmperf results.json")
-    return data["results"]
+        raise ResultsError(f"{path}: field 'results' missing: not an llmperf results.json")
+    for i, row in enumerate(data["results"]):
+        where = f"{path}: results[{i}]"
+        if not isinstance(row, dict) or not isinstance(row.get("record"), dict):
+            raise ResultsError(f"{where}: expected an object with a 'record' object")
+        record = row["record"]
+        for name, kind in _RECORD_FIELDS.items():
+            if not isinstance(record.get(name), kind):
+                raise ResultsError(f"{where}.record.{name}: missing or not a string")
+        metrics = record.get("metrics", {})
+        if not isinstance(metrics, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("samples", []), list) for m in metrics.values()
+        ):
+            raise ResultsError(f"{where}.record.metrics: expected an object of metric objects")
+        if row.get("verdict") is not None and not isinstance(row["verdict"], dict):
+            raise ResultsError(f"{where}.verdict: expected an object or null")
+    if data.get("run") is not None and not isinstance(data["run"], dict):
+        raise ResultsError(f"{path}: field 'run': expected an object")
+    return data
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    return load_results_file(path)["results"]
 
 
 # -- the failure message of a test ----------------------------------------------------------

@@ -398,7 +398,7 @@ class LLMPerf:
         )
         record.workload["rounds"] = len(timing.e2e)
         notes = list(timing.notes)
-        record.busy_load = busy_load()
+        record.busy_load = busy_load(self.backend.host_load())
         if record.busy_load is not None:
             notes.append(
                 f"machine busy: load average {record.busy_load:.1f} on {os.cpu_count()} CPUs "
@@ -462,18 +462,14 @@ BUSY_FACTOR = 1.25
 BUSY_SLACK = 0.5
 
 
-def busy_load() -> Optional[float]:
-    """The load average when other processes competed for the CPU during the rounds, else None.
+def busy_load(load: Optional[float]) -> Optional[float]:
+    """``load`` when other processes competed for the CPU during the rounds, else None.
 
     On a shared box descheduled torch threads make a tiny model 10x slower; a regression
     measured then says nothing about the code (the gate calls it inconclusive).
     """
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
     cpus = os.cpu_count() or 1
-    return load if load > cpus * BUSY_FACTOR + BUSY_SLACK else None
+    return load if load is not None and load > cpus * BUSY_FACTOR + BUSY_SLACK else None
 
 
 def _check_context(model: str, spec: Any, prompt_tokens: int, new_tokens: int) -> None:

@@ -322,32 +322,18 @@ class RunState:
         devices: dict[str, dict[str, Any]],
         *,
         append_only: bool = False,
-        label: Optional[str] = None,
     ) -> list[baselines.Change]:
         """Merge ``records`` into their baseline files (one file per device and suite)."""
-        groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
-        for record in records:
-            if record.outcome in baselines.STORED_OUTCOMES:
-                groups[(record.device_key, record.suite)].append(record)
-        by_key = {info.get("key"): info for info in devices.values()}
-        changes: list[baselines.Change] = []
-        for (device_key, suite), group in sorted(groups.items()):
-            device = by_key.get(device_key) or {"key": device_key, "backend": group[0].backend}
-            path = baselines.baseline_path(
-                self.baselines_root, device_key, suite, label or self.settings.label
-            )
-            try:
-                changes += baselines.update(
-                    path,
-                    group,
-                    device={**device, "key": device_key},
-                    suite=suite,
-                    keep_runs=self.settings.baseline_runs,
-                    reset=bool(self.settings.reset_baselines),
-                    append_only=append_only,
-                )
-            except (baselines.BaselineError, OSError, ValueError) as exc:
-                self.errors.append(f"baselines not updated: {exc}")
+        changes, errors = baselines.store_records(
+            self.baselines_root,
+            records,
+            devices=devices,
+            label=self.settings.label,
+            keep_runs=self.settings.baseline_runs,
+            reset=bool(self.settings.reset_baselines),
+            append_only=append_only,
+        )
+        self.errors += errors
         return changes
 
     # -- what the run checked ------------------------------------------------------------

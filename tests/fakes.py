@@ -39,6 +39,9 @@ ENV_SDK = "FAKE_SDK_VERSION"
 ENV_OUTPUT_SHIFT = "FAKE_OUTPUT_SHIFT"
 #: "FACTOR:CALLS": the first CALLS generate calls run FACTOR times slower (a neighbour's burst).
 ENV_BURST = "FAKE_BURST"
+#: The host's load average the fake chip reports (default 0: a quiet host, whatever the real
+#: machine running the tests is doing).
+ENV_LOAD = "FAKE_LOAD"
 
 
 def slowdown() -> float:
@@ -71,6 +74,9 @@ class FakeBackend(Backend):
 
     def versions(self) -> dict[str, str]:
         return {"fake-sdk": os.environ.get(ENV_SDK, "1.0")}
+
+    def host_load(self) -> Optional[float]:
+        return float(os.environ.get(ENV_LOAD, "0"))
 
     def clock(self) -> float:
         self.events.append("clock")

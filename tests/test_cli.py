@@ -240,7 +240,7 @@ def test_report_of_a_file_that_is_not_results_is_a_one_line_error(tmp_path, caps
     line = usage_error(capsys, "report", str(bogus))
     assert str(bogus) in line and "not an llmperf results.json" in line
     line = usage_error(capsys, "report", str(tmp_path / "missing.json"))
-    assert "missing.json: not a readable results file" in line
+    assert "missing.json: cannot read (No such file or directory)" in line
 
 
 # -- bad arguments -------------------------------------------------------------------------
@@ -253,8 +253,12 @@ def test_report_of_a_file_that_is_not_results_is_a_one_line_error(tmp_path, caps
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["baselines"], "required: action"),
         (["baselines", "diff", "only-one"], "required: new"),
-        (["baselines", "record", "--runs", "many"], "invalid int value: 'many'"),
-        (["baselines", "record", "--runs", "0"], "--runs 0: expected a positive integer"),
+        (["baselines", "record", "--runs", "many"], "'many': expected a positive integer"),
+        (["baselines", "record", "--runs", "0"], "'0': expected a positive integer"),
+        (["baselines", "diff", "a", "b", "--alpha", "5"], "expected a significance level"),
+        (["baselines", "diff", "a", "b", "--alpha", "nan"], "expected a significance level"),
+        (["baselines", "accept"], "required: results"),
+        (["baselines", "accept", "r.json", "--baseline-runs", "0"], "expected a positive"),
         (["report"], "required: results"),
     ],
 )
@@ -328,15 +332,22 @@ def _prune(yes: bool, capfd: pytest.CaptureFixture) -> tuple[int, list[str]]:
     return code, out.splitlines()
 
 
+KEPT = (
+    "kept (their test files were not collected): fake-chip/test_old.json; if a suite was "
+    "deleted, remove its baseline file by hand"
+)
+
+
 def test_prune_dry_run_lists_entries_no_collected_test_produces(project, capfd):
     live, dead = _stale_project(project)
     before = live.read_bytes(), dead.read_bytes()
     _, lines = _prune(False, capfd)
     assert lines == [
+        KEPT,
         SCOPE,
-        "would remove: baselines/fake-chip/test_old.json: test_x",
         "would remove: baselines/fake-chip/test_prj.json: test_gone",
-        "2 stale entries; run again with --yes to remove them",
+        "1 stale entries (1 from baselines/fake-chip/test_prj.json); run again with --yes to "
+        "remove them",
     ]
     assert (live.read_bytes(), dead.read_bytes()) == before
 
@@ -345,11 +356,12 @@ def test_prune_yes_removes_them_and_keeps_named_workloads_of_live_tests(project,
     live, dead = _stale_project(project)
     _, lines = _prune(True, capfd)
     assert lines == [
+        KEPT,
         SCOPE,
-        "removed: baselines/fake-chip/test_old.json: test_x",
         "removed: baselines/fake-chip/test_prj.json: test_gone",
+        "removed 1 stale entries: 1 from baselines/fake-chip/test_prj.json",
     ]
-    assert not dead.exists()
+    assert dead.exists()  # test_old.py was not collected: its entries are not ours to judge
     assert sorted(baseline_file(project.path, "test_prj")["entries"]) == [
         "test_a",
         "test_b:first",
@@ -357,8 +369,62 @@ def test_prune_yes_removes_them_and_keeps_named_workloads_of_live_tests(project,
     ]
     _, lines = _prune(True, capfd)
     assert lines == [
-        "nothing to prune under baselines (fake-chip): every entry is produced by a test"
+        KEPT,
+        "nothing to prune under baselines (fake-chip): every entry is produced by a test",
     ]
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _prune_refused(project: pytest.Pytester, capfd: pytest.CaptureFixture, *paths: str) -> str:
+    root = project.path / "baselines"
+    before = _all_files(root)
+    code = cli.main(["baselines", "prune", "--yes", "--", FAKE, "-p", "no:cacheprovider", *paths])
+    out, err = capfd.readouterr()
+    assert code == 2, out + err
+    assert _all_files(root) == before  # nothing deleted, the @label directory included
+    return err
+
+
+def test_prune_of_an_empty_directory_refuses_and_deletes_nothing(project, capfd):
+    _stale_project(project)
+    labelled = baselines.baseline_path(project.path / "baselines", "fake-chip", "test_prj", "sdk2")
+    labelled.parent.mkdir(parents=True)
+    shutil.copy(project.path / "baselines" / "fake-chip" / "test_prj.json", labelled)
+    (project.path / "emptydir").mkdir()
+    err = _prune_refused(project, capfd, "emptydir")
+    assert "pytest collected no tests" in err and "nothing pruned" in err
+
+
+def test_prune_when_collection_fails_refuses_and_deletes_nothing(project, capfd):
+    _stale_project(project)
+    project.makepyfile(test_broken="import no_such_module_anywhere\n")
+    err = _prune_refused(project, capfd)
+    assert "collecting tests failed" in err and "nothing pruned" in err
+
+
+def test_prune_of_one_file_leaves_the_entries_of_the_other_files_alone(project, capfd):
+    """`prune test_b.py` must not call every entry of test_a.py stale."""
+    _stale_project(project)
+    project.makepyfile(test_other=MEASURED)
+    other = store(
+        project.path / "baselines", record("test_a", suite="test_other"), suite="test_other"
+    )
+    code = cli.main(
+        ["baselines", "prune", "--yes", "--", FAKE, "-p", "no:cacheprovider", "test_other.py"]
+    )
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert "test_prj.json" in out and "removed:" not in out
+    assert sorted(baseline_file(project.path, "test_prj")["entries"]) == [
+        "test_a",
+        "test_b:first",
+        "test_b:second",
+        "test_gone",
+    ]
+    assert other.exists()
 
 
 def test_prune_keeps_other_devices_entries_and_takes_yes_after_the_paths(project, capfd):

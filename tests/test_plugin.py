@@ -9,7 +9,6 @@ nothing depends on how fast this machine is.
 from __future__ import annotations
 
 import json
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -1196,7 +1195,7 @@ def test_a_limit_no_workload_measures_fails_with_a_clear_message(project):
 def test_a_regression_measured_on_a_busy_machine_is_inconclusive_not_red(recorded, monkeypatch):
     project, _ = recorded
     monkeypatch.setenv("FAKE_SLOWDOWN", "1.2")
-    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    monkeypatch.setenv("FAKE_LOAD", "50")
     result = project.runpytest(FAKE)
     result.assert_outcomes(passed=1)
     result.stdout.re_match_lines([r"test_gen\s+fake\s+ok\s.*inconclusive$"])
@@ -1215,4 +1214,4 @@ def test_a_broken_limit_says_so_and_points_at_the_marker_not_at_updating(project
             "*raise it there if the new numbers are acceptable",
         ]
     )
-    assert "--llmperf-update-baselines (or" not in result.stdout.str()
+    assert "--llmperf-update-baselines" not in result.stdout.str()

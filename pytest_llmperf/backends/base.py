@@ -90,6 +90,14 @@ class Backend:
         return {k: os.environ[k] for k in self.env_vars if k in os.environ}
 
     # -- timing --------------------------------------------------------------------------
+    def host_load(self) -> float | None:
+        """The host's 1-minute load average (None where unknown): a busy host slows even an
+        accelerator's kernel launches. A method so a fake chip can pin it in tests."""
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
+
     def clock(self) -> float:
         return time.perf_counter()
 

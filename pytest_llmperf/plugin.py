@@ -10,7 +10,6 @@ uses llmperf, and scipy, torch and transformers load only when something is meas
 from __future__ import annotations
 
 import os
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -515,31 +514,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
             }
             for r, v in zip(handle.records, verdicts)
         ]
-    if call.excinfo is not None and handle is not None:
-        _free_frames(item, call.excinfo.tb)
     if call.when == "teardown" and handle is not None:
         # The re-measure closures hold the loaded model, inputs and engine; the shared cache
         # keeps the one model the next test of the same parametrization reuses.
         handle.release()
         del item.stash[HANDLE]
     return report
-
-
-def _free_frames(item: pytest.Item, tb: Any) -> None:
-    """Drop the locals of our own frames (and those below them) in a failure's traceback.
-
-    pytest keeps the last failure in ``sys.last_traceback``; its frames inside generate()
-    hold the loaded model, which would then never be freed and make the next test's memory
-    pre-check skip. The report is formatted already; the test's own frames keep their locals
-    for ``--showlocals``; under ``--pdb`` nothing is cleared.
-    """
-    if item.config.getoption("usepdb", False):
-        return
-    package = str(Path(__file__).parent)
-    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith(package):
-        tb = tb.tb_next
-    if tb is not None:
-        traceback.clear_frames(tb)
 
 
 class _Collector:

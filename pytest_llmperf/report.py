@@ -151,6 +151,8 @@ class Coverage:
     updating: bool
     total: int = 0
     judged: int = 0
+    #: Workloads measured without a baseline entry to compare with.
+    missing: int = 0
     unavailable: int = 0
     all_unavailable: bool = False
     reasons: list[str] = field(default_factory=list)
@@ -235,9 +237,7 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 HEADER = ["test", "backend", "outcome", "median e2e", "ms/token", "tokens/s", "peak mem", "verdict"]
 
 
-def terminal_table(
-    rows: list[dict[str, Any]], width: int = 120, updating: bool = False
-) -> list[str]:
+def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     if not rows:
         return []
     body = _table_rows(rows)
@@ -278,12 +278,6 @@ def terminal_table(
         lines += ["notes:", *notes]
     if details:
         lines += ["verdicts:", *details]
-    missing = sum(1 for row in rows if (row.get("verdict") or {}).get("worst") == "no-baseline")
-    if missing and not updating:
-        lines.append(
-            f"{missing} workload(s) have no baseline: record them with "
-            "`llmperf baselines record --runs 3 <pytest args>`"
-        )
     return lines
 
 

@@ -341,22 +341,28 @@ class RunState:
         """How many workloads were judged against a baseline, and why the others were not."""
         cov = report.Coverage(gating=self.gating, updating=self.updating)
         missing: dict[str, int] = defaultdict(int)
+        crashed = unusable = 0
         for row in self.rows:
             record = row["record"]
             cov.total += 1
             v = row.get("verdict")
             if record["outcome"] == "error":
-                cov.reasons.append("1 crashed (outcome error): see its test's failure")
-                continue
-            if v is None:
-                cov.reasons.append(f"1 not judged: {record['key']}: its baseline is unusable")
-                continue
-            if not _no_history(v):
+                crashed += 1
+            elif v is None:
+                unusable += 1
+            elif _no_history(v):
+                missing[self._missing_reason(record["device_key"], record["suite"])] += 1
+            else:
                 cov.judged += 1
-                continue
-            missing[self._missing_reason(record["device_key"], record["suite"])] += 1
+        if crashed:
+            cov.reasons.append(f"{crashed} crashed (outcome error): see their test failures")
+        if unusable:
+            cov.reasons.append(
+                f"{unusable} not judged: their baseline file is unusable (see their test failures)"
+            )
         for reason, count in sorted(missing.items()):
             cov.reasons.append(f"{count} not judged: {reason}")
+        cov.missing = sum(missing.values())
         self._skip_reasons(cov)
         cov.hints = self._hints(cov)
         return cov
@@ -402,7 +408,7 @@ class RunState:
                     "pyproject.toml:",
                     f'    [tool.llmperf]\n    device_aliases = {{ "{device_key}" = "{close[0]}" }}',
                 ]
-        if cov.judged < cov.total - cov.unavailable:
+        if cov.missing:
             hints.append(
                 "to record baselines on this node: llmperf baselines record --runs 3 "
                 "<your pytest arguments>"
@@ -425,7 +431,7 @@ class RunState:
         return problems
 
     def summary_lines(self, width: int = 120) -> list[str]:
-        lines = report.terminal_table(self.rows, width=width, updating=self.updating)
+        lines = report.terminal_table(self.rows, width=width)
         if self.updating:
             lines.append("= llmperf baselines")
             lines += [str(c) for c in self.changes] or ["no baseline changed"]

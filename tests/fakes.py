@@ -14,6 +14,7 @@ SDK version) is read from environment variables, as a user's hardware would diff
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, ClassVar, Optional
 
 from pytest_llmperf import backends, engines
@@ -33,6 +34,9 @@ AVAILABLE_BYTES = 64 * GiB
 ENV_SLOWDOWN = "FAKE_SLOWDOWN"
 #: Memory one device still has free, in bytes.
 ENV_AVAILABLE = "FAKE_AVAILABLE_BYTES"
+#: The device's total memory, in bytes: free memory is then this minus the weights of every
+#: fake model still alive, so a model nobody released keeps its memory (as on real hardware).
+ENV_TOTAL = "FAKE_TOTAL_BYTES"
 ENV_DEVICES = "FAKE_DEVICES"
 ENV_SDK = "FAKE_SDK_VERSION"
 #: Added to every generated token id: a kernel change that flips the greedy output.
@@ -62,6 +66,8 @@ class FakeBackend(Backend):
     def __init__(self) -> None:
         self.now = 0.0
         self.events: list[str] = []
+        #: Weight bytes of the fake models alive now (see FakeModel).
+        self.resident = 0
 
     def _probe_impl(self) -> Probe:
         return Probe(True, "", int(os.environ.get(ENV_DEVICES, "1")))
@@ -98,7 +104,23 @@ class FakeBackend(Backend):
         return PEAK_BYTES
 
     def available_memory_bytes(self) -> Optional[int]:
+        if ENV_TOTAL in os.environ:
+            return int(os.environ[ENV_TOTAL]) - self.resident
         return int(os.environ.get(ENV_AVAILABLE, str(AVAILABLE_BYTES)))
+
+
+class FakeModel:
+    """A loaded fake model: holds its weight bytes on the backend until it is garbage."""
+
+    def __init__(self, backend: FakeBackend, nbytes: int) -> None:
+        self.backend = backend
+        self.calls = 0
+        backend.resident += nbytes
+        weakref.finalize(self, _release, backend, nbytes)
+
+
+def _release(backend: FakeBackend, nbytes: int) -> None:
+    backend.resident -= nbytes
 
 
 class MissingSdkBackend(Backend):
@@ -135,7 +157,7 @@ class FakeEngine(Engine):
         backend.advance(LOAD_S, "load")
         backend.synchronize()
         return LoadedModel(
-            model={"backend": backend, "calls": 0},
+            model=FakeModel(backend, spec.weight_bytes(dtype)),
             tokenizer=WordTokenizer(),
             real_tokenizer=False,
             weight_source="fake-seed-0",
@@ -156,15 +178,15 @@ class FakeEngine(Engine):
         import torch
 
         state = loaded.model
-        backend: FakeBackend = state["backend"]
-        if state["calls"] == 0:
+        backend: FakeBackend = state.backend
+        if state.calls == 0:
             backend.advance(COMPILE_S, "compile")
-        state["calls"] += 1
+        state.calls += 1
         factor = slowdown()
         burst = os.environ.get(ENV_BURST)
         if burst:
             burst_factor, calls = burst.split(":")
-            if state["calls"] <= int(calls):
+            if state.calls <= int(calls):
                 factor *= float(burst_factor)
         produced = new_tokens - self.missing_tokens
         for i in range(produced):
@@ -198,8 +220,17 @@ class OomEngine(FakeEngine):
         raise torch.OutOfMemoryError("fake: tried to allocate 2.00 GiB")
 
 
+class CrashEngine(FakeEngine):
+    """Loads fine, then fails inside generate (a kernel fault): an error, not an OOM."""
+
+    name: ClassVar[str] = "fake-crash"
+
+    def generate(self, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("fake: illegal instruction in kernel")
+
+
 def register_all() -> None:
     backends.register(FakeBackend, replace=True)
     backends.register(MissingSdkBackend, replace=True)
-    for engine in (FakeEngine(), ShortEngine(), OverheadEngine(), OomEngine()):
+    for engine in (FakeEngine(), ShortEngine(), OverheadEngine(), OomEngine(), CrashEngine()):
         engines.register(engine)

@@ -9,6 +9,8 @@ nothing depends on how fast this machine is.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -344,6 +346,52 @@ def test_model_whose_weights_cannot_load_is_skipped_with_needed_and_available(pr
             f"{need_gib:.1f} GiB, 64.0 GiB available"
         ]
     )
+
+
+TWO_LARGE_MODELS = """
+    def test_llama(llmperf):
+        r = llmperf.generate(model="llama-2-7b", dtype="bf16", engine="fake-engine", new_tokens=2)
+        assert r.outcome == "ok", r.note
+
+    def test_bloomz(llmperf):
+        r = llmperf.generate(model="bloomz-7b1", dtype="bf16", engine="fake-engine", new_tokens=2)
+        assert r.outcome == "ok", r.note
+"""
+
+
+@pytest.mark.parametrize("order", ["llama first", "bloomz first"])
+def test_two_large_models_in_a_row_fit_as_they_do_alone(project, monkeypatch, order):
+    """A test's result must not depend on the test before it: the model a finished test
+    loaded is freed (or counted as free) before the next model's memory check."""
+    bloomz = models.get("bloomz-7b1").weight_bytes("bf16")
+    llama = models.get("llama-2-7b").weight_bytes("bf16")
+    # Room for either model alone, not for both at once.
+    monkeypatch.setenv("FAKE_TOTAL_BYTES", str(max(bloomz, llama) + 2**30))
+    project.makepyfile(test_big=TWO_LARGE_MODELS)
+    first = "test_llama" if order == "llama first" else "test_bloomz"
+    second = "test_bloomz" if first == "test_llama" else "test_llama"
+    for alone in (first, second):
+        project.runpytest(FAKE, "-k", alone).assert_outcomes(passed=1)
+    result = project.runpytest(FAKE, "-rs", "-k", f"{first} or {second}", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
+def test_the_model_a_crashed_test_left_in_the_cache_counts_as_free(project, monkeypatch):
+    """The next model's memory check counts the cached model it will replace as free."""
+    project.makepyfile(
+        test_big="""
+        def test_llama(llmperf):
+            llmperf.generate(model="llama-2-7b", dtype="bf16", engine="fake-crash", new_tokens=2)
+
+        def test_bloomz(llmperf):
+            llmperf.generate(model="bloomz-7b1", dtype="bf16", engine="fake-engine", new_tokens=2)
+        """
+    )
+    monkeypatch.setenv(
+        "FAKE_TOTAL_BYTES", str(models.get("bloomz-7b1").weight_bytes("bf16") + 2**30)
+    )
+    result = project.runpytest(FAKE, "-rs")
+    result.assert_outcomes(failed=1, passed=1)
 
 
 # -- 6. settings: validation and precedence ----------------------------------------------------
@@ -893,7 +941,11 @@ def test_without_strict_a_missing_baseline_passes_with_a_hint(project):
     result = project.runpytest(FAKE)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        ["1 workload(s) have no baseline: record them with `llmperf baselines record*"]
+        [
+            "*= llmperf: 0 of 1 workloads judged against a baseline =*",
+            "  1 not judged: the baselines directory */baselines does not exist",
+            "  to record baselines on this node: llmperf baselines record --runs 3 *",
+        ]
     )
 
 
@@ -1038,6 +1090,36 @@ def test_benchmark_json_holds_our_rounds_in_pytest_benchmark_format(project):
     assert entry["stats"]["median"] == steady_e2e(100)
     assert entry["stats"]["data"] == [steady_e2e(100)] * 10
     assert entry["stats"]["rounds"] == 10
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_benchmark_json_lands_at_the_path_given_and_pytest_benchmark_compare_reads_it(
+    project, tmp_path_factory, where
+):
+    project.makepyfile(test_gen=GENERATE)
+    if where == "absolute":
+        target = tmp_path_factory.mktemp("elsewhere") / "out" / "b.json"
+        arg = str(target)
+    else:
+        target = project.path / "sub" / "dir" / "b.json"
+        arg = "sub/dir/b.json"
+    project.runpytest(FAKE, f"--benchmark-json={arg}").assert_outcomes(passed=1)
+    assert target.is_file() and not (project.path / "b.json").exists()
+    assert _our_entry(target)["stats"]["median"] == steady_e2e(100)
+    compare = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pytest_benchmark.cli import main; main()",
+            "compare",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=project.path,
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert "test_gen[fake]" in compare.stdout
 
 
 def test_benchmark_json_keeps_our_entries_next_to_pytest_benchmark_ones(project, monkeypatch):

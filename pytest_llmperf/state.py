@@ -363,6 +363,8 @@ class RunState:
         for reason, count in sorted(missing.items()):
             cov.reasons.append(f"{count} not judged: {reason}")
         cov.missing = sum(missing.values())
+        if self.updating:
+            cov.reasons = []  # storing, not judging: "not judged" is the point
         self._skip_reasons(cov)
         cov.hints = self._hints(cov)
         return cov
@@ -406,7 +408,8 @@ class RunState:
                 hints += [
                     f"to gate {device_key} against {close[0]}'s baselines deliberately, add to "
                     "pyproject.toml:",
-                    f'    [tool.llmperf]\n    device_aliases = {{ "{device_key}" = "{close[0]}" }}',
+                    "    [tool.llmperf]",
+                    f'    device_aliases = {{ "{device_key}" = "{close[0]}" }}',
                 ]
         if cov.missing:
             hints.append(

@@ -10,13 +10,19 @@ import pytest
 
 # pytester's in-process runs drop every module first imported during a run; torch cannot be
 # imported twice in one process, so it (and the plugin's lazily imported parts) load here.
+# The plugin imports these lazily (on the first measurement or judgement), i.e. inside a run.
 import pytest_benchmark.stats  # noqa: F401
+import scipy.stats  # noqa: F401
 import torch  # noqa: F401
 
 import pytest_llmperf.cli  # noqa: F401
 import pytest_llmperf.engines  # noqa: F401
+import pytest_llmperf.gate  # noqa: F401
 import pytest_llmperf.measure  # noqa: F401
 import pytest_llmperf.models  # noqa: F401
+import pytest_llmperf.report  # noqa: F401
+import pytest_llmperf.runner  # noqa: F401
+import pytest_llmperf.state  # noqa: F401
 from pytest_llmperf import backends, engines
 
 pytest_plugins = ["pytester"]

@@ -6,8 +6,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 #: Selects the fake chip of tests/fakes.py.
 FAKE = "--llmperf-backend=fake"
+
+#: A test file with one generate workload on the fake chip (key ``test_gen``).
+GENERATE = """
+    def test_gen(llmperf):
+        llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=100)
+"""
+
+
+def one_line_error(result: pytest.RunResult) -> str:
+    """The single ``ERROR: ...`` line pytest prints for a usage error."""
+    lines = [line for line in result.stderr.lines if line.startswith("ERROR:")]
+    assert len(lines) == 1, result.stderr.str()
+    return lines[0]
+
+
+def no_traceback(result: pytest.RunResult) -> None:
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    assert "INTERNALERROR" not in text
 
 
 def read_results(directory: Path) -> list[dict[str, Any]]:

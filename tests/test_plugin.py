@@ -23,32 +23,22 @@ from fakes import (
     PREFILL_S,
     steady_e2e,
 )
-from helpers import FAKE, baseline_file, read_results, record_of, samples
+from helpers import (
+    FAKE,
+    GENERATE,
+    baseline_file,
+    no_traceback,
+    one_line_error,
+    read_results,
+    record_of,
+    samples,
+)
 
 import pytest_llmperf
 from pytest_llmperf import models
 from pytest_llmperf.verdict import format_value
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
-
-GENERATE = """
-    def test_gen(llmperf):
-        llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=100)
-"""
-
-
-def one_line_error(result: pytest.RunResult) -> str:
-    """The single ``ERROR: ...`` line pytest prints for a usage error."""
-    lines = [line for line in result.stderr.lines if line.startswith("ERROR:")]
-    assert len(lines) == 1, result.stderr.str()
-    return lines[0]
-
-
-def no_traceback(result: pytest.RunResult) -> None:
-    text = result.stdout.str() + result.stderr.str()
-    assert "Traceback" not in text
-    assert "INTERNALERROR" not in text
-
 
 # -- 1. selecting and skipping by backend ------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""Accepting new numbers: the command a failure recommends must make the next run pass.
+
+The flow a user follows: record a baseline (three runs), the code gets slower, the gate fails,
+the user accepts the new numbers (``--llmperf-update-baselines`` on the node, or
+``llmperf baselines accept`` on the failing run's results.json downloaded from CI), and the
+next plain run passes. A run that merely passed appends to the history as before.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import FAKE, GENERATE, baseline_file
+
+from pytest_llmperf import cli
+
+SLOWER = "1.3"
+
+
+@pytest.fixture
+def three_runs(project: pytest.Pytester) -> pytest.Pytester:
+    project.makepyfile(test_gate=GENERATE)
+    for _ in range(3):  # what `llmperf baselines record --runs 3` does, in-process
+        project.runpytest(FAKE, "--llmperf-update-baselines").assert_outcomes(passed=1)
+    assert len(runs(project)) == 3
+    return project
+
+
+def runs(project: pytest.Pytester) -> list[dict]:
+    return baseline_file(project.path, "test_gate")["entries"]["test_gen"]["runs"]
+
+
+def medians(project: pytest.Pytester) -> list[float]:
+    return [r["metrics"]["e2e_latency_s"]["median"] for r in runs(project)]
+
+
+def test_update_after_a_confirmed_regression_starts_a_new_level_and_the_next_run_passes(
+    three_runs, monkeypatch
+):
+    project = three_runs
+    monkeypatch.setenv("FAKE_SLOWDOWN", SLOWER)
+    failed = project.runpytest(FAKE)
+    failed.assert_outcomes(failed=1)
+    failed.stdout.fnmatch_lines(
+        ["*if the new numbers are right: pytest ... --llmperf-update-baselines*"]
+    )
+    before = medians(project)
+
+    accepted = project.runpytest(FAKE, "--llmperf-update-baselines")
+    accepted.assert_outcomes(passed=1)
+    accepted.stdout.fnmatch_lines(
+        [
+            "test_gen: restarted (new level: history restarted (regressed, confirmed by re-measuring;"
+            " 3 old run(s) dropped))"
+        ]
+    )
+    assert len(runs(project)) == 1 and medians(project)[0] > max(before)
+
+    project.runpytest(FAKE).assert_outcomes(passed=1)
+
+
+def test_an_update_whose_run_passed_appends_to_the_history(three_runs):
+    result = three_runs.runpytest(FAKE, "--llmperf-update-baselines")
+    result.stdout.fnmatch_lines(["test_gen: appended (4 runs kept)"])
+
+
+def test_a_burst_that_does_not_survive_confirmation_appends_instead_of_restarting(
+    three_runs, monkeypatch
+):
+    # The first measurement is slow (a neighbour's job), the re-measurement is not.
+    monkeypatch.setenv("FAKE_BURST", "1.5:12")
+    result = three_runs.runpytest(FAKE, "--llmperf-update-baselines")
+    result.stdout.fnmatch_lines(["test_gen: appended (4 runs kept)"])
+
+
+def test_record_appends_runs_2_to_n_to_the_history_run_1_restarted(three_runs, monkeypatch, capfd):
+    project = three_runs
+    monkeypatch.setenv("FAKE_SLOWDOWN", SLOWER)
+    code = cli.main(["baselines", "record", "--runs", "3", "--", FAKE, "-p", "no:cacheprovider"])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert "new level: history restarted" in out
+    assert len(runs(project)) == 3  # run 1 restarted, runs 2 and 3 appended
+
+
+def test_accept_stores_the_failing_runs_results_and_the_next_run_passes(
+    three_runs, monkeypatch, capfd
+):
+    project = three_runs
+    monkeypatch.setenv("FAKE_SLOWDOWN", SLOWER)
+    project.runpytest(FAKE, "--llmperf-report=ci").assert_outcomes(failed=1)
+    results = project.path / "ci" / "results.json"
+    row = json.loads(results.read_text())["results"][0]
+    assert row["gate_failed"] and row["record"]["change"] == "regressed"
+
+    code = cli.main(["baselines", "accept", str(results)])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert f"{results}: 1 results into baselines" in out
+    assert "  test_gen: restarted (new level: history restarted" in out
+    (run,) = runs(project)
+    assert run["provenance"]["hostname"] == row["record"]["provenance"]["hostname"]
+    project.runpytest(FAKE).assert_outcomes(passed=1)
+
+    # Accepting the same file again stores nothing twice.
+    assert cli.main(["baselines", "accept", str(results)]) == 0
+    out, _ = capfd.readouterr()
+    assert "test_gen: unchanged (this run is already stored)" in out
+    assert len(runs(project)) == 1
+
+
+def test_accept_skips_results_whose_test_failed_for_its_own_reason(project, capfd):
+    project.makepyfile(
+        test_gate="""
+        def test_gen(llmperf):
+            llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=10)
+            assert False, "the test's own check"
+        """
+    )
+    project.runpytest(FAKE, "--llmperf-report=ci").assert_outcomes(failed=1)
+    code = cli.main(["baselines", "accept", str(project.path / "ci" / "results.json")])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert "0 results into baselines; 1 not accepted" in out
+    assert "nothing to accept" in out
+    assert not (project.path / "baselines").exists()
+
+
+def test_accept_keeps_the_runs_label(three_runs, capfd):
+    project = three_runs
+    project.runpytest(FAKE, "--llmperf-label=sdk2", "--llmperf-report=ci").assert_outcomes(passed=1)
+    assert cli.main(["baselines", "accept", str(project.path / "ci" / "results.json")]) == 0
+    out, _ = capfd.readouterr()
+    assert "(label sdk2)" in out
+    assert baseline_file(project.path, "test_gate", device="fake-chip@sdk2")["entries"]["test_gen"]
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"\xff\xfe not utf-8", "not UTF-8 text"),
+        (b'{"results": [{"verdict": null}]}', "results[0]: expected an object with a 'record'"),
+        (
+            b'{"results": [{"record": {"key": 1}}]}',
+            "results[0].record.key: missing or not a string",
+        ),
+        (b"[" * 100000, "not valid JSON"),
+    ],
+)
+def test_accept_of_a_bad_results_file_is_one_line_naming_the_file(
+    tmp_path, capsys, content, problem
+):
+    bad = tmp_path / "results.json"
+    bad.write_bytes(content)
+    for command in (["baselines", "accept"], ["report"]):
+        code = cli.main([*command, str(bad)])
+        _, err = capsys.readouterr()
+        assert code == 2
+        (line,) = err.splitlines()
+        assert line.startswith(f"llmperf: error: {bad}") and problem in line

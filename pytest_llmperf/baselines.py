@@ -668,13 +668,17 @@ def _fsync_dir(directory: Path) -> None:
 class WriteError(OSError):
     """A file that could not be written; the message names it, and nothing was changed."""
 
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code  # type: ignore[misc]
+
 
 def _make_dirs(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WriteError(
-            exc.errno, f"{directory}: cannot create the directory ({exc.strerror or exc})"
+            f"{directory}: cannot create the directory ({exc.strerror or exc})", exc.errno
         ) from None
 
 
@@ -721,8 +725,8 @@ def atomic_write(path: Path, text: str) -> None:
         if isinstance(exc, WriteError):
             raise
         raise WriteError(
-            exc.errno,
             f"{path}: not written ({exc.strerror or exc}); the previous file is unchanged",
+            exc.errno,
         ) from None
     _fsync_dir(path.parent)
 

@@ -51,8 +51,8 @@ def test_update_after_a_confirmed_regression_starts_a_new_level_and_the_next_run
     accepted.assert_outcomes(passed=1)
     accepted.stdout.fnmatch_lines(
         [
-            "test_gen: restarted (new level: history restarted (regressed, confirmed by re-measuring;"
-            " 3 old run(s) dropped))"
+            "test_gen: restarted (new level: history restarted (regressed, confirmed by "
+            "re-measuring; 3 old run(s) dropped))"
         ]
     )
     assert len(runs(project)) == 1 and medians(project)[0] > max(before)

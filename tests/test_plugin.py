@@ -1287,3 +1287,48 @@ def test_a_broken_limit_says_so_and_points_at_the_marker_not_at_updating(project
         ]
     )
     assert "--llmperf-update-baselines" not in result.stdout.str()
+
+
+# -- sharing the device under pytest-xdist -----------------------------------------------------
+
+
+def test_under_xdist_the_shared_device_is_said_and_a_regression_is_inconclusive(
+    project, monkeypatch
+):
+    project.makepyfile(
+        test_gate=GENERATE
+        + """
+    def test_other(llmperf):
+        llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=10)
+    """
+    )
+    args = (FAKE, "-p", "no:cacheprovider", "-n", "2", "--llmperf-report=rep")
+    project.runpytest_subprocess(*args, "--llmperf-update-baselines").assert_outcomes(passed=2)
+    monkeypatch.setenv("FAKE_SLOWDOWN", "1.3")
+    result = project.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["llmperf: 2 pytest-xdist workers share each device*"])
+    record = record_of(read_results(project.path / "rep"), "test_gen")
+    assert record["shared_workers"] == 2 and record["inconclusive"]
+    assert "2 pytest-xdist workers shared this fake device" in record["note"]
+    strict = project.runpytest_subprocess(*args, "--llmperf-strict")
+    strict.assert_outcomes(failed=2)
+
+
+def test_importing_the_plugin_imports_nothing_heavy():
+    """pytest loads the plugin for every run in the environment: it must cost next to nothing."""
+    code = (
+        "import sys, pytest_llmperf.plugin; "
+        "print(sorted(m for m in ('scipy', 'numpy', 'torch', 'transformers', 'filelock') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_unrelated_test_run_hears_nothing_from_the_plugin(pytester):
+    pytester.makepyfile(test_x="def test_x():\n    assert 1\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    said = [line for line in result.stdout.lines if "llmperf" in line and "plugins:" not in line]
+    assert said == []

@@ -126,7 +126,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                     str(len(runs)),
                     newest.get("outcome", "-"),
                     name or "-",
-                    format_value(statistics.median(meds), METRICS[name].unit) if meds else "-",
+                    format_value(statistics.median(meds), METRICS[name].unit)
+                    if meds and name
+                    else "-",
                     f"{cv:.2%}" if cv is not None else "(1 run)",
                     str(newest.get("date", "-")),
                 ]

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -248,15 +249,15 @@ def resolve(
     ``cli(name)`` returns the parsed command-line value or None when the option was not given;
     ``ini(key)`` returns the raw ini string or "" when unset.
     """
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     settings = Settings()
     where = f" in {inifile}" if inifile else ""
     for opt in OPTIONS:
         raw = cli(opt.name)
         if raw is not None and raw is not False:
             source = opt.cli if opt.flag else f"{opt.cli}={raw}"
-        elif opt.env and environ.get(opt.envvar, "") != "":
-            raw = environ[opt.envvar]
+        elif opt.env and env.get(opt.envvar, "") != "":
+            raw = env[opt.envvar]
             source = f"env {opt.envvar}={raw}"
         elif str(ini(opt.ini) or "").strip():
             raw = ini(opt.ini)
@@ -307,7 +308,7 @@ def _limit(value: Any) -> float:
     return number
 
 
-def parse_marker(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+def parse_marker(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Validate ``@pytest.mark.llmperf(...)`` keywords; unknown keywords are usage errors."""
     out: dict[str, Any] = {}
     limits: dict[str, float] = {}

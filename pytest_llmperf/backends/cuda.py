@@ -39,7 +39,7 @@ class CudaBackend(Backend):
         if torch.backends.cudnn.is_available():
             out["cudnn"] = str(torch.backends.cudnn.version())
         try:
-            import pynvml  # type: ignore[import-not-found]
+            import pynvml
 
             pynvml.nvmlInit()
             out["driver"] = str(pynvml.nvmlSystemGetDriverVersion())

@@ -299,7 +299,7 @@ def _param_breakdown(family: str, s: ModelShape, cfg: dict[str, Any]) -> dict[st
         bias = n_layers * (3 * h + h + inter + h)
         norm = 2 * h + n_layers * 4 * h + 2 * h
     elif family == "gpt2":
-        embedding += s.max_positions * h  # learned position embeddings
+        embedding += (s.max_positions or 0) * h  # learned position embeddings
         linear = n_layers * (3 * h * h + h * h + 2 * h * inter)
         bias = n_layers * (3 * h + h + inter + h)
         norm = n_layers * 4 * h + 2 * h

@@ -170,9 +170,9 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...], config_digest: str) ->
 def _load_checkpoint(directory: Path, tdtype: Any, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory), local_files_only=True, **dtype_kwargs(tdtype)
-    )
+    # Typed as Any: transformers' decorated from_pretrained confuses type checkers.
+    loader: Any = AutoModelForCausalLM
+    model = loader.from_pretrained(str(directory), local_files_only=True, **dtype_kwargs(tdtype))
     return model.to(device).eval()
 
 

@@ -39,6 +39,9 @@ class GatePolicy:
     confirm: int = 2
     #: Contended regressions and missing baselines fail too (--llmperf-strict).
     strict: bool = False
+    #: The run will be stored (--llmperf-update-baselines): improvements are confirmed too,
+    #: since a confirmed change starts a new history.
+    updating: bool = False
 
 
 @dataclass
@@ -75,7 +78,7 @@ def _headline(record: Record) -> float:
     return float("inf") if value is None else value
 
 
-def _confirm(
+def _confirm_regression(
     record: Record,
     entry: verdict.EntryVerdict,
     runs: list[dict[str, Any]],
@@ -83,30 +86,62 @@ def _confirm(
     again: Remeasure,
     allowed: int,
 ) -> tuple[Record, verdict.EntryVerdict]:
+    """Re-measure a regression; judge on the best measurement, so it fails only if every
+    measurement regresses."""
     direction = change_of(entry)
-    # Judge on the measurement least in favour of the change.
-    pick = max if direction == "improved" else min
     attempts = [record]
     chosen = record
     while change_of(entry) == direction and len(attempts) <= allowed:
         attempts.append(again())
-        chosen = pick(attempts, key=_headline)
+        chosen = min(attempts, key=_headline)
         entry = verdict.judge(chosen, runs, settings)
-    medians = [_headline(r) for r in attempts]
-    chosen.measurements = medians
-    shown = ", ".join(verdict.format_value(m, "s") for m in medians)
+    shown = _shown(chosen, attempts)
     n = len(attempts)
     if change_of(entry) == direction:
-        word = {
-            "regressed": f"regression confirmed by {n} measurements ({shown})",
-            "limit": f"over the limit in all {n} measurements ({shown})",
-            "improved": f"improvement confirmed by {n} measurements ({shown})",
-        }[str(direction)]
+        word = (
+            f"over the limit in all {n} measurements ({shown})"
+            if direction == "limit"
+            else f"regression confirmed by {n} measurements ({shown})"
+        )
     else:
-        side = "worst" if direction == "improved" else "best"
-        word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the {side}"
-    chosen.note = "; ".join(n for n in (chosen.note, word) if n)
+        word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the best"
+    _add_note(chosen, word)
     return chosen, entry
+
+
+def _confirm_improvement(
+    record: Record,
+    entry: verdict.EntryVerdict,
+    runs: list[dict[str, Any]],
+    settings: verdict.GateSettings,
+    again: Remeasure,
+    allowed: int,
+) -> tuple[Record, verdict.EntryVerdict, bool]:
+    """Re-measure an improvement before it becomes a new baseline level: confirmed when every
+    measurement improves. An unconfirmed one keeps the original verdict (an improvement never
+    turns into a failure because a re-measurement was slow)."""
+    attempts = [record]
+    while len(attempts) <= allowed:
+        attempts.append(again())
+        if change_of(verdict.judge(attempts[-1], runs, settings)) != "improved":
+            shown = _shown(record, attempts)
+            _add_note(
+                record, f"improvement not confirmed: re-measured {len(attempts) - 1}x ({shown})"
+            )
+            return record, entry, False
+    worst = max(attempts, key=_headline)
+    shown = _shown(worst, attempts)
+    _add_note(worst, f"improvement confirmed by {len(attempts)} measurements ({shown})")
+    return worst, verdict.judge(worst, runs, settings), True
+
+
+def _shown(chosen: Record, attempts: list[Record]) -> str:
+    chosen.measurements = [_headline(r) for r in attempts]
+    return ", ".join(verdict.format_value(m, "s") for m in chosen.measurements)
+
+
+def _add_note(record: Record, text: str) -> None:
+    record.note = "; ".join(n for n in (record.note, text) if n)
 
 
 def decide(
@@ -123,22 +158,29 @@ def decide(
     ``inconclusive`` and ``measurements`` fields and its note say what the gate did.
     """
     entry = verdict.judge(record, runs, settings)
-    # Confirmed also when not gating: the report should not call a burst a regression, and
-    # storing the run (--llmperf-update-baselines) must know whether the level changed.
-    if again is not None and policy.confirm > 0 and change_of(entry):
-        record, entry = _confirm(record, entry, runs, settings, again, policy.confirm)
     direction = change_of(entry)
+    # With confirmation off the single measurement decides, as the user asked.
+    confirmed = policy.confirm == 0
+    if again is not None and policy.confirm > 0 and direction in ("regressed", "limit"):
+        # Also when not gating: a report should not call a burst a regression, and storing
+        # the run must know whether the level changed.
+        first = direction
+        record, entry = _confirm_regression(record, entry, runs, settings, again, policy.confirm)
+        direction = change_of(entry)
+        confirmed = direction == first
+    elif again is not None and policy.confirm > 0 and direction == "improved" and policy.updating:
+        # An improvement fails nothing: re-measured only when it is about to be stored.
+        record, entry, confirmed = _confirm_improvement(
+            record, entry, runs, settings, again, policy.confirm
+        )
     failed = entry.failed
     limits_only = direction == "limit"
     inconclusive = failed and record.contended and not policy.strict and not limits_only
     if inconclusive:
-        record.note = "; ".join(
-            n for n in (record.note, "inconclusive: regressed while the device was contended") if n
-        )
+        _add_note(record, "inconclusive: regressed while the device was contended")
     record.inconclusive = inconclusive
-    record.change = (
-        direction if direction in ("regressed", "improved") and not record.contended else None
-    )
+    level = direction in ("regressed", "improved") and confirmed and not record.contended
+    record.change = direction if level else None
     missing = policy.gating and policy.strict and entry.worst is verdict.Verdict.NO_BASELINE
     return GateDecision(
         record=record,

@@ -94,7 +94,10 @@ class RunState:
     @property
     def policy(self) -> gate.GatePolicy:
         return gate.GatePolicy(
-            gating=self.gating, confirm=self.settings.confirm, strict=self.settings.strict
+            gating=self.gating,
+            confirm=self.settings.confirm,
+            strict=self.settings.strict,
+            updating=self.updating,
         )
 
     def describe(self) -> str:

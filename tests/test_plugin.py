@@ -570,6 +570,27 @@ def test_measure_times_a_plain_function_for_the_configured_rounds(project):
     assert samples(record_of(rows, "test_named:decode"), "time_s") == [0.5] * 6
 
 
+def test_the_result_of_a_call_reads_like_the_readme(project):
+    """The result object: outcome, the headline median and samples, any metric by name."""
+    project.makepyfile(
+        test_r=f"""
+        def test_gen(llmperf):
+            r = llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=10)
+            assert r.ok and r.outcome == "ok"
+            assert r.main_metric == "e2e_latency_s"
+            assert r.median == r.e2e_latency_s == {steady_e2e(10)!r}
+            assert r.samples == [{steady_e2e(10)!r}] * 10
+            assert r.ttft_s == {PREFILL_S!r} and r.metrics["tpot_s"].unit == "s"
+            assert r.key == "test_gen" and r.workload["new_tokens"] == 10
+
+        def test_fn(llmperf):
+            r = llmperf.measure(lambda: llmperf.backend.advance(0.25), tokens=10)
+            assert (r.main_metric, r.median, r.ms_per_token) == ("time_s", 0.25, 25.0)
+        """
+    )
+    project.runpytest(FAKE).assert_outcomes(passed=2)
+
+
 def test_two_unnamed_workloads_in_one_test_fail_asking_for_names(project):
     project.makepyfile(
         test_two="""

@@ -19,7 +19,8 @@ from . import __version__, baselines, report
 from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
 from .state import RECORD_RUN_ENV
-from .verdict import GateSettings, Verdict, between_run_spread, compare_metric, format_value
+from .units import format_value
+from .verdict import GateSettings, Verdict, between_run_spread, compare_metric
 
 
 class CliError(Exception):

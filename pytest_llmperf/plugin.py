@@ -391,7 +391,7 @@ mps_backend = _backend_fixture("mps")
 @pytest.fixture
 def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf:
     """The measuring handle of this test, bound to its backend; verdicts apply at test end."""
-    from .runner import LLMPerf, Workload
+    from .runner import LLMPerf, TestContext
 
     item = request.node
     state = _state(request.config)
@@ -411,7 +411,7 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         for k, v in (callspec.params.items() if callspec is not None else ())
         if k != "llmperf_backend"
     }
-    context = Workload(
+    context = TestContext(
         key=item.stash.get(KEY, baseline_key(item)),
         suite=Path(str(item.path)).stem,
         nodeid=item.nodeid,
@@ -419,11 +419,12 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         warmup=marker.get("warmup", settings.warmup),
         device_key=state.device_key(llmperf_backend),
         provenance=state.provenance(llmperf_backend),
-        workload=params,
+        params=params,
         # Every worker uses the backend's default device: they compete for it.
         shared_workers=state.workers if state.workers > 1 else 0,
+        launcher=marker.get("launcher", settings.launcher),
     )
-    handle = LLMPerf(llmperf_backend, context, cache=state.cache)
+    handle = LLMPerf(llmperf_backend, context, state.launchers)
     item.stash[HANDLE] = handle
     return handle
 
@@ -435,14 +436,16 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
 def pytest_runtest_call(item: pytest.Item) -> Any:
     if HANDLE not in item.stash:
         return (yield)
+    from .errors import SkipWorkload, UsageError
     from .measure import TokenCountError
-    from .runner import SkipWorkload, UsageError
+    from .runner import WorkloadCrashed
 
     usage: Optional[str] = None
     skip: Optional[str] = None
     try:
         result = yield
-    except UsageError as exc:
+    except (UsageError, WorkloadCrashed) as exc:
+        # A crashed child's record (outcome error) is already in the report.
         usage = str(exc)
     except SkipWorkload as exc:
         skip = str(exc)
@@ -546,6 +549,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
     # Before yielding: every test has run, and the terminal summary (printed after the inner
     # hooks) must already know what the baseline update changed.
     config = session.config
+    if _has_state(config):
+        _state(config).close()  # child processes and the cached model, in workers too
     if not hasattr(config, "workerinput") and _has_state(config):
         state = _state(config)
         # pytest-benchmark saves --benchmark-json in its own wrapper, and only when its fixture

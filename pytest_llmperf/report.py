@@ -17,7 +17,8 @@ from . import __version__, baselines
 from .baselines import atomic_write
 from .metrics import METRICS, main_metric
 from .results import Record
-from .verdict import EntryVerdict, format_value
+from .units import format_metric, format_value
+from .verdict import EntryVerdict
 
 RESULTS_SCHEMA = 1
 
@@ -185,20 +186,6 @@ def _metric(record: dict[str, Any], name: str) -> Optional[float]:
 
 def _fmt(record: dict[str, Any], name: str) -> str:
     return format_metric(_metric(record, name), name)
-
-
-def format_metric(value: Optional[float], name: str) -> str:
-    """A metric's value for people: ms below a second, tokens/s with one decimal, bytes in MiB."""
-    if value is None:
-        return "-"
-    unit = METRICS[name].unit
-    if unit == "s":
-        return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.3f} s"
-    if unit == "ms":
-        return f"{value:.3f} ms"
-    if unit == "tokens/s":
-        return f"{value:.1f}"
-    return format_value(value, unit)
 
 
 def verdict_word(row: dict[str, Any]) -> str:

@@ -88,6 +88,16 @@ def parse_bool(text: Any) -> bool:
     raise SettingError("expected true/false (1/0, yes/no, on/off)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise SettingError("expected a number of seconds ≥ 1") from None
+    if not math.isfinite(value) or value < 1:
+        raise SettingError("expected a number of seconds ≥ 1")
+    return value
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = str(text).strip()
@@ -223,6 +233,27 @@ OPTIONS: tuple[Option, ...] = (
         2,
     ),
     Option("warmup", "warm-up calls per workload, not timed (default 2)", _int(0), 2),
+    Option(
+        "launcher",
+        "where workloads run: auto (torchrun for several devices, else this process), inline, "
+        "process (a child process: crash isolation), torchrun",
+        _choice(("auto", "inline", "process", "torchrun", "deepspeed")),
+        "auto",
+    ),
+    Option(
+        "timeout",
+        "seconds a workload may run in a child process or rank group before it is killed and "
+        "reported as an error (default 3600)",
+        _seconds,
+        3600.0,
+    ),
+    Option(
+        "cache_dir",
+        "where seeded checkpoints for multi-process runs are written (default "
+        "~/.cache/pytest-llmperf)",
+        _path,
+        None,
+    ),
 )
 
 
@@ -276,7 +307,7 @@ def resolve(
 
 # -- marker ----------------------------------------------------------------------------------
 
-MARKER_KEYS = ("tolerance", "alpha", "rounds", "warmup", "gate")
+MARKER_KEYS = ("tolerance", "alpha", "rounds", "warmup", "gate", "launcher")
 
 
 def _gate_names(value: Any) -> tuple[str, ...]:
@@ -329,6 +360,8 @@ def parse_marker(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
                 out[key] = _int(0)(value)
             elif key == "gate":
                 out[key] = _gate_names(value)
+            elif key == "launcher":
+                out[key] = _choice(("auto", "inline", "process", "torchrun", "deepspeed"))(value)
             elif key.startswith(("max_", "min_")) and key[4:] in METRICS:
                 limits[key] = _limit(value)
             else:

@@ -1,4 +1,5 @@
-"""The run's state: settings, the model cache, verdicts and what goes into reports and baselines.
+"""The run's state: settings, the launchers (and with them the model cache), verdicts and what
+goes into reports and baselines.
 
 One object per pytest process, held in ``config.stash`` and created only when a test uses
 llmperf (the plugin is loaded by every pytest run in the environment). Workers of
@@ -16,8 +17,8 @@ from typing import Any, Callable, Optional
 
 from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
+from .launchers import Launchers, LaunchSettings, default_cache_dir
 from .results import Record
-from .runner import ModelCache
 from .settings import DeviceAliases, Settings
 
 #: ``LLMPERF_RECORD_RUN=n/N`` is set by ``llmperf baselines record`` for its runs: runs 2…N
@@ -41,7 +42,7 @@ class RunState:
     #: pytest-xdist workers of this session (0: not distributed).
     workers: int = 0
     benchmark_json: Optional[str] = None
-    cache: ModelCache = field(default_factory=ModelCache)
+    _launchers: Optional[Launchers] = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     collected_keys: set[tuple[str, str]] = field(default_factory=set)
     #: Tests skipped by llmperf: {"nodeid", "kind": "backend" | "node", "backend", "reason"}.
@@ -76,6 +77,23 @@ class RunState:
         )
 
     # -- where things are ----------------------------------------------------------------
+    @property
+    def launchers(self) -> Launchers:
+        if self._launchers is None:
+            cache_dir = self.settings.cache_dir
+            self._launchers = Launchers(
+                LaunchSettings(
+                    timeout=self.settings.timeout,
+                    cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
+                )
+            )
+        return self._launchers
+
+    def close(self) -> None:
+        """End of the session: stop child processes, drop the cached model."""
+        if self._launchers is not None:
+            self._launchers.close()
+
     @property
     def selected_backends(self) -> list[str]:
         # Probed on first use, not at configure: most pytest runs never ask.

@@ -109,6 +109,7 @@ from typing import Any
 
 from .metrics import DEFAULT_GATED, METRICS, metric
 from .results import MetricValue, Record
+from .units import format_value
 
 __all__ = [
     "EntryVerdict",
@@ -118,7 +119,6 @@ __all__ = [
     "between_run_spread",
     "compare_metric",
     "first_divergence",
-    "format_value",
     "judge",
 ]
 
@@ -325,32 +325,6 @@ class EntryVerdict:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _num(v: float) -> str:
-    a = abs(v)
-    if a == 0:
-        return "0"
-    if a >= 1e4:
-        return f"{v:.0f}"
-    return f"{v:.4g}"
-
-
-def format_value(value: float | None, unit: str) -> str:
-    """A number with its unit: 4 significant digits; seconds below 1 as ms; bytes in KiB…GiB."""
-    if value is None:
-        return "n/a"
-    if unit == "B":
-        a = abs(value)
-        for size, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-            if a >= size:
-                return f"{value / size:.{2 if name == 'GiB' else 1}f} {name}"
-        return f"{value:.0f} B"
-    if unit == "1":
-        return _num(value)
-    if unit == "s" and 0 < abs(value) < 1:
-        return f"{_num(value * 1000)} ms"  # latencies read in ms: 81.23 ms, not 0.08123 s
-    return f"{_num(value)} {unit}"
 
 
 def _pct(fraction: float) -> str:

@@ -151,20 +151,21 @@ class FakeEngine(Engine):
     #: Seconds spent after the last token inside the call (e.g. a host copy).
     overhead_s: ClassVar[float] = 0.0
 
-    def load(self, spec: Any, dtype: str, backend: Backend, devices: int) -> LoadedModel:
+    def load(self, model: Any, spec: Any, backend: Backend) -> LoadedModel:
         backend.synchronize()
         start = backend.clock()
         backend.advance(LOAD_S, "load")
         backend.synchronize()
+        weight_bytes = self.weight_bytes(model, spec.dtype)
         return LoadedModel(
-            model=FakeModel(backend, spec.weight_bytes(dtype)),
+            model=FakeModel(backend, weight_bytes),
             tokenizer=WordTokenizer(),
             real_tokenizer=False,
             weight_source="fake-seed-0",
-            weight_bytes=spec.weight_bytes(dtype),
+            weight_bytes=weight_bytes,
             load_time_s=backend.clock() - start,
-            dtype=dtype,
-            devices=devices,
+            dtype=spec.dtype,
+            devices=spec.devices,
         )
 
     def generate(

@@ -18,7 +18,7 @@ from helpers import FAKE, baseline_file
 
 from pytest_llmperf import baselines, cli, report
 from pytest_llmperf.results import MetricValue, Record
-from pytest_llmperf.verdict import format_value
+from pytest_llmperf.units import format_value
 
 KEY = "test_lat[batch_size=1,model=tiny-bloom]"
 DATE = "2026-01-02T03:04:05Z"

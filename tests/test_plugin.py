@@ -36,7 +36,7 @@ from helpers import (
 
 import pytest_llmperf
 from pytest_llmperf import models
-from pytest_llmperf.verdict import format_value
+from pytest_llmperf.units import format_value
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
 
@@ -333,7 +333,7 @@ def test_model_whose_weights_cannot_load_is_skipped_with_needed_and_available(pr
     result.stdout.fnmatch_lines(
         [
             "SKIPPED*bloom-176b cannot load on fake: its bf16 weights need "
-            f"{need_gib:.1f} GiB, 64.0 GiB available"
+            f"{need_gib:.2f} GiB, 64.00 GiB available"
         ]
     )
 
@@ -534,7 +534,7 @@ def test_unknown_model_and_dtype_fail_the_test_with_what_is_known(project):
     result.stdout.fnmatch_lines_random(
         [
             "llmperf.generate(model=...): unknown model 'nope'; known: bloom-176b*tiny-bloom*",
-            "llmperf.generate(dtype='fp8'): unknown dtype; known: fp32, fp16, bf16",
+            "llmperf.generate(dtype='fp8'): unknown dtype; known: fp32, fp16, bf16, int8, int4",
             "llmperf.generate(engine=...): unknown engine 'vllm'; known: *transformers*",
         ]
     )

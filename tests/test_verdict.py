@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from pytest_llmperf.results import MetricValue, Record
+from pytest_llmperf.units import format_value
 from pytest_llmperf.verdict import (
     EntryVerdict,
     GateSettings,
@@ -18,7 +19,6 @@ from pytest_llmperf.verdict import (
     between_run_spread,
     compare_metric,
     first_divergence,
-    format_value,
     judge,
 )
 

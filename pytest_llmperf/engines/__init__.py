@@ -1,14 +1,32 @@
-"""Engine registry: engine id → implementation, imported lazily."""
+"""Engine registry: engine id → implementation, imported lazily.
+
+Third-party engines arrive by entry point, like backends::
+
+    [project.entry-points."pytest_llmperf.engines"]
+    my-engine = "my_package:MyEngine"   # a subclass of pytest_llmperf.engines.Engine
+"""
 
 from __future__ import annotations
 
 from importlib import import_module
+from importlib.metadata import entry_points
 
+from ..errors import UsageError
 from .base import Engine, LoadedModel
 
-__all__ = ["ENGINE_IDS", "Engine", "EngineUnavailable", "LoadedModel", "get_engine", "register"]
+__all__ = [
+    "ENGINE_IDS",
+    "Engine",
+    "EngineUnavailable",
+    "LoadedModel",
+    "get_engine",
+    "implemented",
+    "register",
+]
 
-#: Engine ids users may name; those without a module yet raise a clear "not implemented".
+ENTRY_POINT_GROUP = "pytest_llmperf.engines"
+
+#: Engine ids users may name (ARCHITECTURE.md); those without a module are usage errors.
 ENGINE_IDS = (
     "transformers",
     "accelerate",
@@ -22,10 +40,12 @@ ENGINE_IDS = (
 
 _MODULES = {"transformers": ("hf_transformers", "TransformersEngine")}
 _instances: dict[str, Engine] = {}
+_entry_points_loaded = False
 
 
 class EngineUnavailable(Exception):
-    """The engine id is valid but cannot run in this installation (a skip reason)."""
+    """The engine is implemented but cannot run in this installation (a skip reason naming the
+    package and version it needs)."""
 
 
 def register(engine: Engine) -> Engine:
@@ -36,15 +56,42 @@ def register(engine: Engine) -> Engine:
     return engine
 
 
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            raise RuntimeError(
+                f"engine entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
+            ) from exc
+        _instances.setdefault(ep.name, cls())
+
+
+def implemented() -> list[str]:
+    _load_entry_points()
+    return sorted(set(_MODULES) | set(_instances))
+
+
 def get_engine(name: str) -> Engine:
+    """The engine ``name``; an unknown or not yet implemented id is a usage error: a suite that
+    asks for DeepSpeed must not be green while measuring nothing."""
+    _load_entry_points()
     if name in _instances:
         return _instances[name]
-    if name not in ENGINE_IDS:
-        known = sorted(set(ENGINE_IDS) | set(_instances))
-        raise ValueError(f"unknown engine {name!r}; known: {', '.join(known)}")
     if name not in _MODULES:
-        raise EngineUnavailable(f"engine {name!r} is not implemented in this version")
-    if name not in _instances:
-        module, cls = _MODULES[name]
-        _instances[name] = getattr(import_module(f"{__name__}.{module}"), cls)()
+        done = ", ".join(implemented())
+        if name in ENGINE_IDS:
+            raise UsageError(
+                f"engine {name!r} is not implemented in this version (implemented: {done})"
+            )
+        known = sorted(set(ENGINE_IDS) | set(_instances))
+        raise UsageError(
+            f"unknown engine {name!r}; known: {', '.join(known)} (implemented: {done})"
+        )
+    module, cls = _MODULES[name]
+    _instances[name] = getattr(import_module(f"{__name__}.{module}"), cls)()
     return _instances[name]

@@ -2,14 +2,21 @@
 
 Engines are picked by id (``transformers``, ``accelerate``, ``bnb-int8``, …). Each lives in
 its own module and imports its library only inside methods, so collecting tests stays cheap.
+An engine owns what differs between engines: the dtypes it runs (quantized ones included), the
+bytes its weights take, its memory need on a backend, the shapes it needs at load time (all in
+the spec), and whether it can run here at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from ..backends.base import Backend
+
+if TYPE_CHECKING:
+    from ..models import ModelSpec
+    from ..spec import WorkloadSpec
 
 TokenHook = Callable[[], None]
 
@@ -28,12 +35,24 @@ class LoadedModel:
 
 class Engine:
     name: ClassVar[str] = ""
+    #: The dtypes this engine runs; another one is a usage error (not a skip): the test asked
+    #: for a combination that cannot exist.
+    dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
 
-    def unsupported(self, backend: Backend, dtype: str, devices: int) -> Optional[str]:
-        """Why this engine cannot run here (a skip reason), or None."""
-        return backend.dtype_reason(dtype)
+    def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
+        """Why this engine cannot run this workload on this node (a skip reason), or None."""
+        return backend.dtype_reason(spec.dtype)
 
-    def load(self, spec: Any, dtype: str, backend: Backend, devices: int) -> LoadedModel:
+    def weight_bytes(self, model: ModelSpec, dtype: str) -> int:
+        """Bytes the weights occupy over all devices."""
+        return model.weight_bytes(dtype)
+
+    def memory_need(self, model: ModelSpec, spec: WorkloadSpec, runtime_bytes: int) -> int:
+        """Bytes the workload needs over all its devices: weights plus what the scenario needs
+        to run (KV cache, activations). Engines with workspaces of their own add them."""
+        return self.weight_bytes(model, spec.dtype) + runtime_bytes
+
+    def load(self, model: ModelSpec, spec: WorkloadSpec, backend: Backend) -> LoadedModel:
         raise NotImplementedError
 
     def generate(

@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from ..backends.base import Backend
 from .base import Engine, LoadedModel, TokenHook
+
+if TYPE_CHECKING:
+    from ..models import ModelSpec
+    from ..spec import WorkloadSpec
 
 
 @contextmanager
@@ -61,25 +65,48 @@ def greedy_kwargs(new_tokens: int, pad_token_id: Optional[int]) -> dict[str, Any
 class TransformersEngine(Engine):
     name: ClassVar[str] = "transformers"
 
-    def load(self, spec: Any, dtype: str, backend: Backend, devices: int) -> LoadedModel:
+    def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
+        reason = backend.dtype_reason(spec.dtype)
+        if reason or spec.devices == 1:
+            return reason
+        from .. import models
+
+        # Several devices are transformers' own tensor parallelism, which needs the model's
+        # tensor-parallel plan (BLOOM and GPT-2 have none; DeepSpeed-inference covers them).
+        model = models.get(spec.model)
+        if not models.has_tp_plan(model):
+            return (
+                f"{spec.model} on {spec.devices} devices: transformers has no tensor-parallel "
+                f"plan for {model.family} models (use a DeepSpeed engine)"
+            )
+        return None
+
+    def load(self, model: ModelSpec, spec: WorkloadSpec, backend: Backend) -> LoadedModel:
         from .. import models
 
         backend.synchronize()
         start = backend.clock()
-        model, source = models.build_model(spec, dtype, device=backend.torch_device)
-        model = backend.prepare(model)
+        loaded, source = models.build_model(
+            model,
+            spec.dtype,
+            device=backend.torch_device,
+            seed=spec.seed,
+            checkpoint=spec.options.get("checkpoint"),
+            tensor_parallel=spec.devices > 1,
+        )
+        loaded = backend.prepare(loaded)
         backend.synchronize()
         load_time = backend.clock() - start
-        tokenizer, real = models.build_tokenizer(spec)
+        tokenizer, real = models.build_tokenizer(model, spec.options.get("checkpoint"))
         return LoadedModel(
-            model=model,
+            model=loaded,
             tokenizer=tokenizer,
             real_tokenizer=real,
             weight_source=source,
-            weight_bytes=spec.weight_bytes(dtype),
+            weight_bytes=self.weight_bytes(model, spec.dtype),
             load_time_s=load_time,
-            dtype=dtype,
-            devices=devices,
+            dtype=spec.dtype,
+            devices=spec.devices,
         )
 
     def generate(

@@ -22,12 +22,21 @@ from .catalog import (
     ModelSpec,
     catalog,
     estimate_generation_bytes,
+    generation_runtime_bytes,
     get,
     models_for_tier,
     torch_dtype,
 )
 from .tokenizer import build_tokenizer, encode_prompt
-from .weights import build_model, checkpoint_fingerprint, dtype_kwargs, hf_cache_snapshot
+from .weights import (
+    build_model,
+    checkpoint_fingerprint,
+    dtype_kwargs,
+    has_tp_plan,
+    hf_cache_snapshot,
+    save_seeded,
+    seeded_dir,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -47,8 +56,12 @@ __all__ = [
     "dtype_kwargs",
     "encode_prompt",
     "estimate_generation_bytes",
+    "generation_runtime_bytes",
     "get",
+    "has_tp_plan",
     "hf_cache_snapshot",
     "models_for_tier",
+    "save_seeded",
+    "seeded_dir",
     "torch_dtype",
 ]

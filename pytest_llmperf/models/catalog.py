@@ -200,6 +200,17 @@ def estimate_generation_bytes(
     device_map splits come on top, so a workload above it surely fails, one below it may still
     OOM (accelerators raise, and the engine records that). Compare against free memory with a
     margin where a real OOM cannot be caught (CPU). Linear in batch size.
+    """
+    return int(
+        spec.weight_bytes(dtype)
+        + generation_runtime_bytes(spec, dtype, batch_size, prompt_tokens, new_tokens)
+    )
+
+
+def generation_runtime_bytes(
+    spec: ModelSpec, dtype: str, batch_size: int, prompt_tokens: int, new_tokens: int
+) -> int:
+    """The part of :func:`estimate_generation_bytes` that is not weights.
 
     - KV cache: 2 (K and V) x layers x batch x (prompt + new) x kv_heads x head_dim, so Llama's
       grouped-query attention shrinks it. Kept in 16 bit for int8/int4 (bitsandbytes quantizes
@@ -225,7 +236,7 @@ def estimate_generation_bytes(
     hidden_acts = batch_size * prompt_tokens * (4 * s.hidden_size + s.intermediate_size)
     scores = batch_size * s.num_heads * prompt_tokens * seq * 4
     logits = batch_size * prompt_tokens * s.vocab_size * act_bytes + batch_size * s.vocab_size * 8
-    return int(spec.weight_bytes(dtype) + kv + hidden_acts * act_bytes + scores + logits)
+    return int(kv + hidden_acts * act_bytes + scores + logits)
 
 
 @functools.cache

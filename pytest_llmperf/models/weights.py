@@ -28,12 +28,20 @@ _CHUNK = 1 << 22
 _SLAB = 1 << 28
 
 
+#: A seeded model written to disk by :func:`save_seeded` carries this file: loading it reports
+#: the seed as its weight source, so its outputs digest like the in-memory build's.
+SEEDED_MARKER = "llmperf-weights.json"
+#: Bumped whenever _build_random draws different values: old seeded checkpoints are not reused.
+GENERATOR_VERSION = 1
+
+
 def build_model(
     spec: ModelSpec,
     dtype: str,
     device: str = "cpu",
     seed: int = 0,
     checkpoint: Optional[str] = None,
+    tensor_parallel: bool = False,
 ) -> tuple[Any, str]:
     """(model in eval mode, weight_source).
 
@@ -44,19 +52,81 @@ def build_model(
 
     weight_source is ``"seed:<seed>"`` or ``"checkpoint:<path or hf id>@<short hash>"``; it feeds
     the output digest, so a digest change can be told apart from a weights change.
+
+    ``tensor_parallel`` (inside a torchrun group): transformers shards the checkpoint over the
+    ranks by the model's tensor-parallel plan; it needs a directory (``save_seeded`` writes one
+    for seeded weights).
     """
     tdtype = torch_dtype(dtype)
     if checkpoint is not None:
         directory, label, short_hash = _resolve_checkpoint(spec, checkpoint)
-        return _load_checkpoint(directory, tdtype, device), f"checkpoint:{label}@{short_hash}"
+        marker = directory / SEEDED_MARKER
+        if marker.is_file():
+            source = json.loads(marker.read_text(encoding="utf-8"))["weight_source"]
+        else:
+            source = f"checkpoint:{label}@{short_hash}"
+        return _load_checkpoint(directory, tdtype, device, tensor_parallel), source
     snapshot = hf_cache_snapshot(spec.hf_id, need_weights=True) if spec.hf_id else None
     if snapshot is not None:
         _check_family(spec, snapshot)
-        model = _load_checkpoint(snapshot, tdtype, device)
+        model = _load_checkpoint(snapshot, tdtype, device, tensor_parallel)
         return model, f"checkpoint:{spec.hf_id}@{snapshot.name[:12]}"
+    if tensor_parallel:
+        raise ValueError(
+            f"{spec.id}: tensor parallelism loads from a checkpoint directory; write the seeded "
+            "weights with save_seeded() first"
+        )
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return _build_random(spec, tdtype, device, seed), f"seed:{seed}"
+
+
+def seeded_dir(cache_dir: Path, spec: ModelSpec, dtype: str, seed: int) -> Path:
+    return Path(cache_dir) / "weights" / f"{spec.id}-{dtype}-seed{seed}-g{GENERATOR_VERSION}"
+
+
+def save_seeded(spec: ModelSpec, dtype: str, seed: int, cache_dir: Path) -> Path:
+    """The seeded model of ``spec`` as a checkpoint directory under ``cache_dir``, written once.
+
+    Ranks of a torchrun group load the same weights from it. Written into a temporary
+    directory and renamed, so a killed write is never reused; a model whose checkpoint would
+    not fit on the disk is refused with the numbers (OSError) before anything is written.
+    """
+    import shutil
+    import tempfile
+
+    target = seeded_dir(cache_dir, spec, dtype, seed)
+    if (target / SEEDED_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    need = int(spec.weight_bytes(dtype) * 1.05) + (1 << 20)
+    free = shutil.disk_usage(target.parent).free
+    if need > free:
+        raise OSError(
+            f"{spec.id} {dtype}: its checkpoint needs {need / 2**30:.1f} GiB on disk, "
+            f"{free / 2**30:.1f} GiB free in {target.parent} (--llmperf-cache-dir)"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model, source = build_model(spec, dtype, seed=seed)
+        model.save_pretrained(str(tmp))
+        (tmp / SEEDED_MARKER).write_text(json.dumps({"weight_source": source}), encoding="utf-8")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / SEEDED_MARKER).is_file():  # not another writer's complete copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def has_tp_plan(spec: ModelSpec) -> bool:
+    """Whether transformers can shard this architecture over devices (a tensor-parallel plan)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**spec.config_dict())
+    return bool(getattr(config, "base_model_tp_plan", None))
 
 
 def dtype_kwargs(tdtype: Any) -> dict[str, Any]:
@@ -167,13 +237,28 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...], config_digest: str) ->
     return h.hexdigest()[:12]
 
 
-def _load_checkpoint(directory: Path, tdtype: Any, device: str) -> Any:
+def _load_checkpoint(
+    directory: Path, tdtype: Any, device: str, tensor_parallel: bool = False
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     # Typed as Any: transformers' decorated from_pretrained confuses type checkers.
     loader: Any = AutoModelForCausalLM
-    model = loader.from_pretrained(str(directory), local_files_only=True, **dtype_kwargs(tdtype))
-    return model.to(device).eval()
+    kwargs = {"local_files_only": True, **dtype_kwargs(tdtype)}
+    if tensor_parallel:
+        kwargs.update(_tensor_parallel_kwargs())
+        return loader.from_pretrained(str(directory), **kwargs).eval()
+    return loader.from_pretrained(str(directory), **kwargs).to(device).eval()
+
+
+def _tensor_parallel_kwargs() -> dict[str, Any]:
+    """``distributed_config=DistributedConfig(tp_plan="auto")`` on transformers 5, where the
+    plain ``tp_plan="auto"`` of 4.5x (optimum-habana's pin) is deprecated."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
 def _build_random(spec: ModelSpec, tdtype: Any, device: str, seed: int) -> Any:

@@ -1,0 +1,299 @@
+"""The one way a workload is measured: ``execute(spec, context, backend, cache) -> Record``.
+
+Every caller goes through here — the ``llmperf`` fixture, the re-measurement that confirms a
+regression, a worker child process, each rank of a torchrun group — so a number means the same
+thing wherever it was taken. What differs between workload kinds is a scenario
+(``scenarios/``), between engines an engine (``engines/``), between hardware a backend.
+
+Order, and why: everything that can be decided without a model is decided first (usage errors,
+device count, the engine's support, the memory need against what is free), because loading a
+model that cannot run costs minutes on real hardware and, on a CPU host, an out-of-memory is
+the kernel killing the process rather than an exception.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import engines, measure, models, scenarios
+from .backends.base import Backend
+from .engines.base import Engine, LoadedModel
+from .errors import SkipWorkload, UsageError
+from .results import MetricValue, Record
+from .scenarios.base import Scenario
+from .spec import RecordContext, WorkloadSpec
+from .units import format_value
+
+#: The machine counts as busy when the 1-minute load average exceeds this many times the CPU
+#: count, plus BUSY_SLACK. Our own torch threads alone keep the load near the CPU count, and
+#: the load average lags by a minute, so "above the CPU count" would flag our own runs.
+BUSY_FACTOR = 1.25
+BUSY_SLACK = 0.5
+
+
+@dataclass
+class ModelCache:
+    """Keeps the last loaded model: a parametrized suite reuses it instead of reloading.
+
+    Only one model is kept, so two large models are never resident at once.
+    """
+
+    key: Optional[tuple] = None
+    loaded: Optional[LoadedModel] = None
+
+    def get(self, key: tuple) -> Optional[LoadedModel]:
+        return self.loaded if key == self.key else None
+
+    def put(self, key: tuple, loaded: LoadedModel) -> None:
+        self.key, self.loaded = key, loaded
+
+    def drop(self, backend: Optional[Backend] = None) -> None:
+        self.key = self.loaded = None
+        if backend is not None:
+            backend.free_memory()
+
+    def resident_bytes(self, unless: Optional[tuple] = None) -> int:
+        """Weight bytes of the held model, unless it is the one for key ``unless``.
+
+        A model that is about to be replaced is memory the next load gets back: the memory
+        check counts it as free, or a test's skip would depend on the test before it.
+        """
+        if self.loaded is None or self.key == unless:
+            return 0
+        return int(self.loaded.weight_bytes or 0)
+
+
+def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, models.ModelSpec]:
+    """The scenario, engine and model of ``spec``, after every check that needs no model."""
+    scenario = scenarios.get_scenario(spec.kind)
+    try:
+        engine = engines.get_engine(spec.engine)
+    except UsageError as exc:
+        raise UsageError(f"llmperf.{spec.kind}(engine=...): {exc}") from None
+    try:
+        model = models.get(spec.model)
+    except ValueError as exc:
+        raise UsageError(f"llmperf.{spec.kind}(model=...): {exc}") from None
+    if spec.dtype not in models.DTYPE_BYTES:
+        raise UsageError(
+            f"llmperf.{spec.kind}(dtype={spec.dtype!r}): unknown dtype; known: "
+            + ", ".join(models.DTYPE_BYTES)
+        )
+    if spec.dtype not in engine.dtypes:
+        raise UsageError(
+            f"llmperf.{spec.kind}(dtype={spec.dtype!r}): engine {engine.name!r} runs "
+            + ", ".join(engine.dtypes)
+        )
+    scenario.validate(spec, model)
+    count = backend.device_count()
+    if spec.devices > count:
+        raise SkipWorkload(f"needs {spec.devices} {backend.name} devices, this node has {count}")
+    reason = engine.unsupported(backend, spec)
+    if reason:
+        raise SkipWorkload(reason)
+    return scenario, engine, model
+
+
+def execute(
+    spec: WorkloadSpec,
+    context: RecordContext,
+    backend: Backend,
+    cache: Optional[ModelCache] = None,
+) -> Record:
+    """Measure ``spec`` on ``backend``; the record's outcome is ok or oom (errors raise)."""
+    cache = cache if cache is not None else ModelCache()
+    scenario, engine, model = resolve(spec, backend)
+    record = context.new_record(spec, backend.name)
+    key = (
+        spec.model,
+        spec.dtype,
+        spec.engine,
+        spec.engine_options,
+        spec.seed,
+        backend.name,
+        spec.devices,
+    )
+    loaded = cache.get(key)
+    short = _memory_short(scenario, engine, model, spec, backend, cache, key, loaded is not None)
+    if short is not None:
+        return _not_run(record, *short)
+    if loaded is None:
+        loaded = _load(engine, model, spec, backend, cache, key, record)
+        if loaded is None:
+            return record
+        record.metrics["load_time_s"] = MetricValue("load_time_s", loaded.load_time_s)
+    else:
+        # load_time_s belongs to the record of the call that loaded the model.
+        record.workload["model_reused"] = True
+    inputs = scenario.prepare(spec, model, loaded, backend)
+    short = _exact_memory_short(scenario, engine, model, spec, backend, loaded, inputs)
+    if short is not None:
+        return _not_run(record, *short)
+    return _measure(scenario, engine, spec, backend, loaded, inputs, record, cache)
+
+
+def _free_bytes(backend: Backend, spec: WorkloadSpec, resident: int) -> Optional[int]:
+    avail = backend.available_memory_bytes()
+    return None if avail is None else avail * spec.devices + resident
+
+
+def _memory_short(
+    scenario: Scenario,
+    engine: Engine,
+    model: models.ModelSpec,
+    spec: WorkloadSpec,
+    backend: Backend,
+    cache: ModelCache,
+    key: tuple,
+    cached: bool,
+) -> Optional[tuple[int, int]]:
+    """(need, free) when the workload cannot fit even with its shortest input; a model whose
+    weights alone cannot fit is skipped (nothing to measure on this node)."""
+    weights = engine.weight_bytes(model, spec.dtype)
+    # What the next load gets back: our own cached model (or the one to be replaced).
+    free = _free_bytes(backend, spec, weights if cached else cache.resident_bytes(key))
+    if free is None:
+        return None
+    if not cached and weights > free:
+        raise SkipWorkload(
+            f"{spec.model} cannot load on {backend.name}: its {spec.dtype} weights need "
+            f"{format_value(weights, 'B')}, {format_value(free, 'B')} available"
+        )
+    runtime = scenario.runtime_bytes(model, spec, scenario.tokens_floor(spec))
+    need = engine.memory_need(model, spec, runtime)
+    return (need, free) if need > free else None
+
+
+def _exact_memory_short(
+    scenario: Scenario,
+    engine: Engine,
+    model: models.ModelSpec,
+    spec: WorkloadSpec,
+    backend: Backend,
+    loaded: LoadedModel,
+    inputs: Any,
+) -> Optional[tuple[int, int]]:
+    # The weights are resident now: they are part of the need and of what is free.
+    free = _free_bytes(backend, spec, loaded.weight_bytes)
+    if free is None:
+        return None
+    runtime = scenario.runtime_bytes(model, spec, scenario.input_tokens(inputs))
+    need = engine.memory_need(model, spec, runtime)
+    return (need, free) if need > free else None
+
+
+def _not_run(record: Record, need: int, free: int) -> Record:
+    record.outcome = "oom"
+    record.note = (
+        f"not run: estimated need {format_value(need, 'B')} (weights + KV cache + activations) "
+        f"> {format_value(free, 'B')} available"
+    )
+    return record
+
+
+def _load(
+    engine: Engine,
+    model: models.ModelSpec,
+    spec: WorkloadSpec,
+    backend: Backend,
+    cache: ModelCache,
+    key: tuple,
+    record: Record,
+) -> Optional[LoadedModel]:
+    cache.drop(backend)
+    try:
+        loaded = engine.load(model, spec, backend)
+    except Exception as exc:
+        if not is_oom(exc, backend):
+            raise
+        cache.drop(backend)
+        record.outcome, record.note = "oom", f"out of memory while loading: {exc}"
+        return None
+    cache.put(key, loaded)
+    return loaded
+
+
+def _measure(
+    scenario: Scenario,
+    engine: Engine,
+    spec: WorkloadSpec,
+    backend: Backend,
+    loaded: LoadedModel,
+    inputs: Any,
+    record: Record,
+    cache: ModelCache,
+) -> Record:
+    try:
+        timing = measure.run_rounds(
+            backend,
+            scenario.call(engine, loaded, inputs, spec),
+            rounds=spec.rounds,
+            warmup=spec.warmup,
+            new_tokens=spec.new_tokens,
+            count_new_tokens=lambda out: scenario.produced(out, inputs),
+        )
+    except Exception as exc:
+        if not is_oom(exc, backend):
+            raise
+        cache.drop(backend)
+        record.outcome = "oom"
+        record.note = f"out of memory while {scenario.activity}: {exc}"
+        return record
+    scenario.fill(record, timing, inputs, loaded, spec, backend)
+    fill_timing(record, timing, backend, tokens=spec.batch_size * spec.new_tokens)
+    return record
+
+
+def fill_timing(
+    record: Record,
+    timing: measure.Timing,
+    backend: Backend,
+    *,
+    tokens: Optional[int],
+    main: str = "e2e_latency_s",
+) -> None:
+    """The metrics every kind shares, and the notes on how the rounds went."""
+    record.metrics[main] = MetricValue.from_samples(main, timing.e2e)
+    if tokens:
+        record.metrics["ms_per_token"] = MetricValue.from_samples(
+            "ms_per_token", [t / tokens * 1000 for t in timing.e2e]
+        )
+        record.metrics["tokens_per_s"] = MetricValue.from_samples(
+            "tokens_per_s", [tokens / t for t in timing.e2e if t > 0]
+        )
+    record.metrics["warmup_s"] = MetricValue("warmup_s", timing.warmup_s)
+    record.metrics["peak_memory_bytes"] = MetricValue("peak_memory_bytes", timing.peak_memory_bytes)
+    record.workload["rounds"] = len(timing.e2e)
+    notes = [record.note] if record.note else []
+    notes += timing.notes
+    record.busy_load = busy_load(backend.host_load())
+    if record.busy_load is not None:
+        notes.append(
+            f"machine busy: load average {record.busy_load:.1f} on {os.cpu_count()} CPUs "
+            "during the rounds"
+        )
+    if record.shared_workers > 1:
+        notes.append(
+            f"{record.shared_workers} pytest-xdist workers shared this {record.backend} "
+            "device while it was measured"
+        )
+    record.note = "; ".join(notes)
+
+
+def busy_load(load: Optional[float]) -> Optional[float]:
+    """``load`` when other processes competed for the CPU during the rounds, else None.
+
+    On a shared box descheduled torch threads make a tiny model 10x slower; a regression
+    measured then says nothing about the code (the gate calls it inconclusive).
+    """
+    cpus = os.cpu_count() or 1
+    return load if load is not None and load > cpus * BUSY_FACTOR + BUSY_SLACK else None
+
+
+def is_oom(exc: BaseException, backend: Backend) -> bool:
+    if isinstance(exc, backend.oom_errors()):
+        return True
+    # SynapseAI and the Neuron runtime raise RuntimeError with the words in the message.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

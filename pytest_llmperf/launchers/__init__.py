@@ -1,0 +1,104 @@
+"""Launchers: where a workload runs (``--llmperf-launcher``, marker ``launcher=``, or the
+call's ``launcher=`` argument).
+
+- ``inline`` — this process; the default for one device.
+- ``process`` — a child Python process: a crash (a segfault in a native extension, an OOM kill
+  on a CPU host) becomes an ``error`` (or ``oom``) record and the session goes on; a workload
+  that asks for cold numbers (``fresh``) gets a new process per workload or per round.
+- ``torchrun`` — ``devices > 1``: one rank per device through ``torch.distributed.run``.
+- ``auto`` — ``torchrun`` for several devices, ``process`` when the workload asks for fresh
+  processes, else ``inline``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UsageError
+from ..execute import ModelCache
+from ..spec import WorkloadSpec
+from .base import Launcher
+from .inline import InlineLauncher
+
+__all__ = ["NAMES", "LaunchSettings", "Launcher", "Launchers", "default_cache_dir"]
+
+NAMES = ("auto", "inline", "process", "torchrun", "deepspeed")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-llmperf"
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    #: Seconds a workload may take in a child process or rank group before it is killed.
+    timeout: float = 3600.0
+    #: Where seeded checkpoints for ranks are written (once, atomically).
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    python: str = sys.executable
+
+
+class Launchers:
+    """The launchers of one session, each made on first use and closed at the session's end."""
+
+    def __init__(
+        self, settings: Optional[LaunchSettings] = None, cache: Optional[ModelCache] = None
+    ):
+        self.settings = settings or LaunchSettings()
+        self.cache = cache if cache is not None else ModelCache()
+        self._made: dict[str, Launcher] = {}
+
+    def choose(self, spec: WorkloadSpec, requested: str) -> Launcher:
+        name = _choose_name(spec, requested)
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def _make(self, name: str) -> Launcher:
+        if name == "inline":
+            return InlineLauncher(self.cache)
+        if name == "process":
+            from .process import ProcessLauncher
+
+            # One model resident at a time: a child holding one replaces the inline cache's.
+            self.cache.drop()
+            return ProcessLauncher(self.settings)
+        from .torchrun import TorchrunLauncher
+
+        self.cache.drop()
+        return TorchrunLauncher(self.settings)
+
+    def close(self) -> None:
+        for launcher in self._made.values():
+            launcher.close()
+        self._made.clear()
+
+
+def _choose_name(spec: WorkloadSpec, requested: str) -> str:
+    if requested not in NAMES:
+        raise UsageError(f"launcher={requested!r}: expected one of {', '.join(NAMES)}")
+    if requested == "deepspeed":
+        raise UsageError(
+            "launcher='deepspeed' arrives with the DeepSpeed engines; run several devices with "
+            "launcher='torchrun'"
+        )
+    if requested == "auto":
+        if spec.devices > 1:
+            return "torchrun"
+        return "process" if spec.fresh != "no" else "inline"
+    if spec.devices > 1 and requested != "torchrun":
+        raise UsageError(
+            f"launcher={requested!r} runs one device; devices={spec.devices} needs "
+            "launcher='torchrun' (or 'auto')"
+        )
+    if spec.fresh != "no" and requested == "inline":
+        raise UsageError(
+            f"this workload asks for a fresh process per {spec.fresh} (fresh={spec.fresh!r}); "
+            "the inline launcher cannot give one: use 'process' or 'auto'"
+        )
+    return requested

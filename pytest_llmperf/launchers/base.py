@@ -1,0 +1,32 @@
+"""The launcher protocol: where a workload spec runs.
+
+Same contract for every launcher: a spec and its record context in, a Record out. A workload
+that cannot be right raises ``UsageError``, one that cannot run here ``SkipWorkload``; a crash
+or a timeout in another process comes back as a record with ``outcome="error"`` and the
+reason (exit code or signal, the tail of stderr) in its note, and the session goes on.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..backends.base import Backend
+from ..results import Record
+from ..spec import RecordContext, WorkloadSpec
+
+
+class Launcher:
+    name: ClassVar[str] = ""
+
+    def run(self, spec: WorkloadSpec, context: RecordContext, backend: Backend) -> Record:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the launcher keeps between workloads (a worker, a cached model)."""
+
+
+def error_record(spec: WorkloadSpec, context: RecordContext, backend: Backend, why: str) -> Record:
+    record = context.new_record(spec, backend.name)
+    record.outcome = "error"
+    record.note = why
+    return record

@@ -1,0 +1,20 @@
+"""Scenario registry: workload kind → scenario."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from .base import Scenario
+from .generate import GenerateScenario
+
+__all__ = ["Scenario", "get_scenario"]
+
+_SCENARIOS: dict[str, Scenario] = {s.kind: s for s in (GenerateScenario(),)}
+
+
+def get_scenario(kind: str) -> Scenario:
+    try:
+        return _SCENARIOS[kind]
+    except KeyError:
+        raise UsageError(
+            f"unknown workload kind {kind!r}; known: {', '.join(_SCENARIOS)}"
+        ) from None

@@ -1,0 +1,68 @@
+"""The scenario protocol: one per workload kind (generate today; forward and dataset kinds
+arrive with their suites).
+
+A scenario knows what one call of its kind is and what comes out of it; everything around it
+(resolving the model and engine, the memory check, loading, the timing loop, OOM handling) is
+:func:`pytest_llmperf.execute.execute`, shared by every kind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..engines.base import Engine, LoadedModel
+    from ..measure import Timing
+    from ..models import ModelSpec
+    from ..results import Record
+    from ..spec import WorkloadSpec
+
+#: One call of the workload; given a per-token hook (or None) it returns the call's output.
+Call = Callable[[Optional[Callable[[], None]]], Any]
+
+
+class Scenario:
+    kind: ClassVar[str] = ""
+    #: What one call does, for messages ("out of memory while generating").
+    activity: ClassVar[str] = "running"
+
+    def validate(self, spec: WorkloadSpec, model: ModelSpec) -> None:
+        """Usage errors that need no loaded model (raise errors.UsageError)."""
+
+    def tokens_floor(self, spec: WorkloadSpec) -> int:
+        """The fewest input tokens per row the workload can have, before anything is encoded."""
+        raise NotImplementedError
+
+    def runtime_bytes(self, model: ModelSpec, spec: WorkloadSpec, input_tokens: int) -> int:
+        """Device bytes the workload needs besides the weights (KV cache, activations)."""
+        raise NotImplementedError
+
+    def prepare(
+        self, spec: WorkloadSpec, model: ModelSpec, loaded: LoadedModel, backend: Backend
+    ) -> Any:
+        """The inputs of one call, on the device; ``input_tokens(inputs)`` says their length."""
+        raise NotImplementedError
+
+    def input_tokens(self, inputs: Any) -> int:
+        raise NotImplementedError
+
+    def call(self, engine: Engine, loaded: LoadedModel, inputs: Any, spec: WorkloadSpec) -> Call:
+        raise NotImplementedError
+
+    def produced(self, output: Any, inputs: Any) -> Optional[int]:
+        """Tokens the call produced, checked every round against the spec (None: not a
+        token-producing kind)."""
+        return None
+
+    def fill(
+        self,
+        record: Record,
+        timing: Timing,
+        inputs: Any,
+        loaded: LoadedModel,
+        spec: WorkloadSpec,
+        backend: Backend,
+    ) -> None:
+        """The kind's metrics from the timing (the common ones are filled by execute)."""
+        raise NotImplementedError

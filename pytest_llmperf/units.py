@@ -1,0 +1,48 @@
+"""How numbers are written for people: one formatter, so the table, the failure message, the
+Markdown summary and ``llmperf baselines show`` print a value the same way."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .metrics import METRICS
+
+
+def _num(v: float) -> str:
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1e4:
+        return f"{v:.0f}"
+    return f"{v:.4g}"
+
+
+def format_value(value: float | None, unit: str) -> str:
+    """A number with its unit: 4 significant digits; seconds below 1 as ms; bytes in KiB…GiB."""
+    if value is None:
+        return "n/a"
+    if unit == "B":
+        a = abs(value)
+        for size, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if a >= size:
+                return f"{value / size:.{2 if name == 'GiB' else 1}f} {name}"
+        return f"{value:.0f} B"
+    if unit == "1":
+        return _num(value)
+    if unit == "s" and 0 < abs(value) < 1:
+        return f"{_num(value * 1000)} ms"  # latencies read in ms: 81.23 ms, not 0.08123 s
+    return f"{_num(value)} {unit}"
+
+
+def format_metric(value: Optional[float], name: str) -> str:
+    """A metric's value in a table column: ms below a second, tokens/s with one decimal."""
+    if value is None:
+        return "-"
+    unit = METRICS[name].unit
+    if unit == "s":
+        return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.3f} s"
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    if unit == "tokens/s":
+        return f"{value:.1f}"
+    return format_value(value, unit)

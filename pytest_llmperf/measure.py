@@ -48,7 +48,7 @@ def run_rounds(
     rounds: int,
     warmup: int,
     new_tokens: Optional[int] = None,
-    count_new_tokens: Optional[Callable[[Any], int]] = None,
+    count_new_tokens: Optional[Callable[[Any], Optional[int]]] = None,
 ) -> Timing:
     """Run ``warmup`` untimed calls, then ``rounds`` timed ones.
 
@@ -82,7 +82,7 @@ def run_rounds(
             continue
         if count_new_tokens is not None:
             produced = count_new_tokens(out)
-            if produced != new_tokens:
+            if produced is not None and produced != new_tokens:
                 raise TokenCountError(
                     f"round {index + 1}: generate returned {produced} new tokens but "
                     f"{new_tokens} were requested; the per-token metrics would be wrong"

@@ -247,8 +247,10 @@ def _checked(fn: Callable[[], Any]) -> Callable[[Any], Any]:
         if inspect.isgenerator(out) or inspect.iscoroutine(out) or inspect.isasyncgen(out):
             # Creating a generator runs none of its body: timing it would store 0.2 µs as a
             # baseline of "the work".
-            with contextlib.suppress(Exception):
-                out.close()
+            close = getattr(out, "close", None)  # a generator or coroutine: never started
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
             raise UsageError(
                 f"llmperf.measure(fn): fn returned a {type(out).__name__}, so nothing ran "
                 "while it was timed; consume it inside fn, e.g. "

@@ -136,7 +136,9 @@ def execute(
 
 def _free_bytes(backend: Backend, spec: WorkloadSpec, resident: int) -> Optional[int]:
     avail = backend.available_memory_bytes()
-    return None if avail is None else avail * spec.devices + resident
+    if avail is None:
+        return None
+    return (avail if backend.shared_memory else avail * spec.devices) + resident
 
 
 def _memory_short(

@@ -67,6 +67,9 @@ class WorkloadSpec:
     warmup: int = 2
     fresh: str = "no"
     seed: int = 0
+    #: A directory holding this model's weights, set by a launcher that wrote the seeded
+    #: weights to disk for its processes; the weight source stays what it describes.
+    weights: Optional[str] = None
 
     @property
     def options(self) -> dict[str, Any]:

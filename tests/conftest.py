@@ -14,10 +14,16 @@ import pytest
 import pytest_benchmark.stats  # noqa: F401
 import scipy.stats  # noqa: F401
 import torch  # noqa: F401
+import torch.distributed.run  # noqa: F401  (the torchrun launcher looks it up)
+import transformers  # noqa: F401
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin  # noqa: F401
 
 import pytest_llmperf.cli  # noqa: F401
 import pytest_llmperf.engines  # noqa: F401
+import pytest_llmperf.execute  # noqa: F401
 import pytest_llmperf.gate  # noqa: F401
+import pytest_llmperf.launchers.process  # noqa: F401
+import pytest_llmperf.launchers.torchrun  # noqa: F401
 import pytest_llmperf.measure  # noqa: F401
 import pytest_llmperf.models  # noqa: F401
 import pytest_llmperf.report  # noqa: F401

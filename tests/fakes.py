@@ -230,8 +230,65 @@ class CrashEngine(FakeEngine):
         raise RuntimeError("fake: illegal instruction in kernel")
 
 
+class SegfaultEngine(FakeEngine):
+    """Takes the whole process down, as a native extension's bad pointer does."""
+
+    name: ClassVar[str] = "fake-segfault"
+
+    def generate(self, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        import signal
+        import sys
+
+        print("fake: about to dereference a bad pointer", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class ExitEngine(FakeEngine):
+    """A library that calls sys.exit(3) deep inside."""
+
+    name: ClassVar[str] = "fake-exit"
+
+    def generate(self, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        import sys
+
+        sys.exit(3)
+
+
+class HangEngine(FakeEngine):
+    """Never returns (a deadlock in a collective): only a timeout ends it."""
+
+    name: ClassVar[str] = "fake-hang"
+
+    def generate(self, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        import time
+
+        while True:
+            time.sleep(60)
+
+
+class RankCrashEngine(FakeEngine):
+    """Runs on every rank but rank 1, which dies: a crash in one rank of a group."""
+
+    name: ClassVar[str] = "fake-rank-crash"
+
+    def generate(self, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("RANK") == "1":
+            os._exit(7)
+        return super().generate(loaded, *args, **kwargs)
+
+
 def register_all() -> None:
     backends.register(FakeBackend, replace=True)
     backends.register(MissingSdkBackend, replace=True)
-    for engine in (FakeEngine(), ShortEngine(), OverheadEngine(), OomEngine(), CrashEngine()):
+    for engine in (
+        FakeEngine(),
+        ShortEngine(),
+        OverheadEngine(),
+        OomEngine(),
+        CrashEngine(),
+        SegfaultEngine(),
+        ExitEngine(),
+        HangEngine(),
+        RankCrashEngine(),
+    ):
         engines.register(engine)

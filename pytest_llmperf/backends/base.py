@@ -47,6 +47,10 @@ class Backend:
     default_dtype: ClassVar[str] = "bf16"
     #: Allowed worsening when the user sets none (--llmperf-tolerance, ini, env, marker).
     default_tolerance: ClassVar[float] = 0.03
+    #: torch.distributed backend of a rank group on this hardware.
+    distributed_backend: ClassVar[str] = "gloo"
+    #: The devices share one memory (CPU cores): what is free is free for all of them at once.
+    shared_memory: ClassVar[bool] = False
     dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
 
     _probe: Probe | None = None
@@ -103,6 +107,9 @@ class Backend:
 
     def synchronize(self) -> None:
         """Block until queued device work is done; called before every clock read."""
+
+    def bind_device(self, local_rank: int) -> None:
+        """Make ``local_rank``'s device this process's default (one rank per device)."""
 
     # -- memory --------------------------------------------------------------------------
     def reset_peak_memory(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 from typing import ClassVar
 
@@ -40,6 +41,7 @@ class CpuBackend(Backend):
     # scatter with sigma ~3.7%, so 3% gave 17% false alarms per comparison; 8% with the
     # re-measurement confirmation gave 0.6%. Dedicated accelerators keep 3%.
     default_tolerance: ClassVar[float] = 0.08
+    shared_memory: ClassVar[bool] = True
     env_vars: ClassVar[tuple[str, ...]] = (
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",
@@ -53,7 +55,13 @@ class CpuBackend(Backend):
         self._peak_reset_ok = False
 
     def _probe_impl(self) -> Probe:
-        return Probe(True, "", 1)
+        # A multi-device workload on CPU runs one rank per core (torchrun over gloo), so the
+        # usable cores are this backend's devices.
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return Probe(True, "", cores)
 
     def threads(self) -> int:
         import torch

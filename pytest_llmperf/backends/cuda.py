@@ -10,6 +10,7 @@ from .base import Backend, Probe, device_nodes
 class CudaBackend(Backend):
     name: ClassVar[str] = "cuda"
     torch_device: ClassVar[str] = "cuda"
+    distributed_backend: ClassVar[str] = "nccl"
     env_vars: ClassVar[tuple[str, ...]] = (
         "CUDA_VISIBLE_DEVICES",
         "NCCL_P2P_DISABLE",
@@ -46,6 +47,11 @@ class CudaBackend(Backend):
         except Exception:
             pass
         return out
+
+    def bind_device(self, local_rank: int) -> None:
+        import torch
+
+        torch.cuda.set_device(local_rank)
 
     def synchronize(self) -> None:
         import torch

@@ -9,6 +9,7 @@ from .base import Backend, Probe, device_nodes, installed_versions
 
 class HpuBackend(Backend):
     name: ClassVar[str] = "hpu"
+    distributed_backend: ClassVar[str] = "hccl"
     torch_device: ClassVar[str] = "hpu"
     env_vars: ClassVar[tuple[str, ...]] = (
         "PT_HPU_LAZY_MODE",

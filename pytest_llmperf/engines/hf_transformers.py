@@ -91,7 +91,7 @@ class TransformersEngine(Engine):
             spec.dtype,
             device=backend.torch_device,
             seed=spec.seed,
-            checkpoint=spec.options.get("checkpoint"),
+            checkpoint=spec.weights or spec.options.get("checkpoint"),
             tensor_parallel=spec.devices > 1,
         )
         loaded = backend.prepare(loaded)

@@ -8,7 +8,11 @@ reason (exit code or signal, the tail of stderr) in its note, and the session go
 
 from __future__ import annotations
 
-from typing import ClassVar
+import contextlib
+import os
+import signal
+import subprocess
+from typing import Any, ClassVar
 
 from ..backends.base import Backend
 from ..results import Record
@@ -30,3 +34,22 @@ def error_record(spec: WorkloadSpec, context: RecordContext, backend: Backend, w
     record.outcome = "error"
     record.note = why
     return record
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """Kill a child started with ``start_new_session=True`` and everything it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "a signal"
+        return f"died with {name} (signal {-code})"
+    if code == 0:
+        return "exited (code 0) without replying"
+    return f"exited with code {code}"

@@ -108,8 +108,14 @@ def save_seeded(spec: ModelSpec, dtype: str, seed: int, cache_dir: Path) -> Path
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        from transformers.utils import logging as hf_logging
+
         model, source = build_model(spec, dtype, seed=seed)
-        model.save_pretrained(str(tmp))
+        hf_logging.disable_progress_bar()  # a bar per shard on the user's terminal says nothing
+        try:
+            model.save_pretrained(str(tmp))
+        finally:
+            hf_logging.enable_progress_bar()
         (tmp / SEEDED_MARKER).write_text(json.dumps({"weight_source": source}), encoding="utf-8")
         try:
             tmp.rename(target)

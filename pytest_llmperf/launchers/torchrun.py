@@ -1,0 +1,216 @@
+"""Several devices: one rank per device through ``torch.distributed.run`` (torchrun).
+
+Every rank executes the same spec; device syncs are followed by a barrier, so the clocks rank
+0 reads mark the slowest rank's progress, and rank 0 returns the record. The ranks load the
+same weights: a seeded model is written once as a checkpoint under ``--llmperf-cache-dir``
+(atomically; its seed stays the weight source, so outputs digest as in one process), and
+transformers shards it by the model's tensor-parallel plan.
+
+A rank that crashes or hangs fails the workload with torchrun's exit code and the tail of the
+group's output; a timeout kills the whole process group, so no rank outlives the test. On CPU
+each rank is a "device" with cores ÷ ranks threads, over gloo.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..backends.base import Backend
+from ..errors import SkipWorkload
+from ..results import Record
+from ..spec import RecordContext, WorkloadSpec
+from . import LaunchSettings
+from .base import Launcher, error_record, exit_reason, kill_group
+from .process import from_reply
+
+
+class TorchrunLauncher(Launcher):
+    name: ClassVar[str] = "torchrun"
+
+    def __init__(self, settings: LaunchSettings) -> None:
+        self.settings = settings
+
+    def run(self, spec: WorkloadSpec, context: RecordContext, backend: Backend) -> Record:
+        if importlib.util.find_spec("torch.distributed.run") is None:
+            raise SkipWorkload("torchrun unavailable: torch.distributed.run cannot be imported")
+        spec = self._with_weights(spec)
+        with tempfile.TemporaryDirectory(prefix="llmperf-ranks-") as tmp:
+            request, out, log = (
+                Path(tmp) / "request.json",
+                Path(tmp) / "reply.json",
+                Path(tmp) / "log",
+            )
+            message = {
+                "spec": spec.to_json(),
+                "context": context.to_json(),
+                "backend": backend.name,
+            }
+            request.write_text(json.dumps(message), encoding="utf-8")
+            code = self._launch(spec.devices, request, out, log)
+            tail = _tail(log)
+            if code is None:
+                why = (
+                    f"timed out after {self.settings.timeout:g} s (--llmperf-timeout); "
+                    "the rank group was killed"
+                )
+                return error_record(spec, context, backend, f"{why}; output tail:\n{tail}")
+            if code != 0 or not out.is_file():
+                why = f"torchrun {exit_reason(code)}" + _failed_rank(log)
+                return error_record(spec, context, backend, f"{why}; output tail:\n{tail}")
+            reply = json.loads(out.read_text(encoding="utf-8"))
+        return from_reply(reply, spec, context, backend, lambda: tail)
+
+    def _with_weights(self, spec: WorkloadSpec) -> WorkloadSpec:
+        """The spec with a checkpoint directory every rank loads (a seeded one written once)."""
+        from .. import models
+
+        if spec.weights is not None or spec.options.get("checkpoint"):
+            return spec
+        model = models.get(spec.model)
+        if model.hf_id and models.hf_cache_snapshot(model.hf_id, need_weights=True):
+            return spec  # the real checkpoint in the HF cache
+        try:
+            directory = models.save_seeded(model, spec.dtype, spec.seed, self.settings.cache_dir)
+        except OSError as exc:
+            raise SkipWorkload(str(exc)) from None
+        return replace(spec, weights=str(directory))
+
+    def _launch(self, ranks: int, request: Path, out: Path, log: Path) -> int | None:
+        """torchrun's exit code, or None when the group ran past the timeout (then killed)."""
+        cmd = [
+            self.settings.python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            "pytest_llmperf.worker",
+            "--rank",
+            f"--request={request}",
+            f"--out={out}",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, _cpus() // ranks))}
+        with open(log, "wb") as sink:
+            proc = subprocess.Popen(
+                cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+            try:
+                return proc.wait(timeout=self.settings.timeout)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+                return None
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def _failed_rank(log: Path) -> str:
+    """torchrun's summary names the root-cause rank and its exit code (the other ranks are then
+    terminated by torchrun and listed too): say it up front."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    _, found, root = text.partition("Root Cause")
+    rank = code = None
+    for line in (root if found else text).splitlines():
+        line = line.strip()
+        if line.startswith("rank") and ":" in line:
+            rank = line.split(":", 1)[1].strip().split()[0]
+        elif line.startswith("exitcode") and ":" in line and rank is not None:
+            code = line.split(":", 1)[1].strip().split()[0]
+            break
+    return f" (first failure: rank {rank}, exit code {code})" if rank and code else ""
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# -- inside a rank ------------------------------------------------------------------------------
+
+
+def init_rank(backend: Backend) -> int:
+    """Join the group torchrun started; returns this rank. On CPU each rank gets its share of
+    the cores, so two ranks on two cores do not fight over them."""
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend.torch_device == "cpu":
+        torch.set_num_threads(max(1, _cpus() // world))
+    else:
+        backend.bind_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend.distributed_backend, rank=rank, world_size=world)
+    return rank
+
+
+class RankBackend(Backend):
+    """A backend seen from one rank: a device sync is followed by a barrier of all ranks."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.torch_device = inner.torch_device  # type: ignore[misc]
+        self.default_dtype = inner.default_dtype  # type: ignore[misc]
+        self.dtypes = inner.dtypes  # type: ignore[misc]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def synchronize(self) -> None:
+        import torch.distributed as dist
+
+        self.inner.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+
+    def clock(self) -> float:
+        return self.inner.clock()
+
+    def device_count(self) -> int:
+        return self.inner.device_count()
+
+    def host_load(self) -> float | None:
+        return self.inner.host_load()
+
+    def reset_peak_memory(self) -> None:
+        self.inner.reset_peak_memory()
+
+    def peak_memory_bytes(self) -> int | None:
+        return self.inner.peak_memory_bytes()
+
+    def available_memory_bytes(self) -> int | None:
+        return self.inner.available_memory_bytes()
+
+    def memory_bandwidth_bytes_per_s(self) -> float | None:
+        return self.inner.memory_bandwidth_bytes_per_s()
+
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        return self.inner.oom_errors()
+
+    def free_memory(self) -> None:
+        self.inner.free_memory()
+
+    def prepare(self, model: Any) -> Any:
+        return self.inner.prepare(model)
+
+    def dtype_reason(self, dtype: str) -> str | None:
+        return self.inner.dtype_reason(dtype)

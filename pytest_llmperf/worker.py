@@ -1,0 +1,126 @@
+"""What child processes run: ``python -m pytest_llmperf.worker``.
+
+Two modes, one reply format (a JSON object with exactly one of ``record``, ``usage``, ``skip``
+or ``error``):
+
+* **serve** (the process launcher): one request per line on stdin (``{"spec", "context",
+  "backend"}``), one reply per line on the protocol channel, until stdin closes. The worker keeps
+  the loaded model between requests, as the inline launcher does.
+* **rank** (``--rank --request FILE --out FILE``, under ``torch.distributed.run``): every rank
+  executes the same spec with clocks read after a barrier; rank 0 writes the reply to FILE.
+
+Whatever else the worker or a library prints goes to stderr: file descriptor 1 is pointed at
+stderr before anything runs, so a chatty model cannot corrupt the protocol. Backends and engines
+that a conftest registered in code are unknown here unless their module is named in
+``LLMPERF_WORKER_IMPORTS`` (``module`` or ``module:function`` to call, comma-separated);
+entry-point plugins load by themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, Optional
+
+IMPORTS_ENV = "LLMPERF_WORKER_IMPORTS"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_llmperf.worker")
+    parser.add_argument("--rank", action="store_true", help="one rank of a torchrun group")
+    parser.add_argument("--request", help="the request (JSON file), with --rank")
+    parser.add_argument("--out", help="where rank 0 writes its reply, with --rank")
+    args = parser.parse_args(argv)
+    channel = _protocol_channel()
+    _import_plugins()
+    if args.rank:
+        return _rank(Path(args.request), Path(args.out))
+    return _serve(channel)
+
+
+def _protocol_channel() -> IO[str]:
+    """A private copy of stdout for replies; fd 1 then writes to stderr."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return channel
+
+
+def _import_plugins() -> None:
+    for entry in filter(None, (e.strip() for e in os.environ.get(IMPORTS_ENV, "").split(","))):
+        module, _, function = entry.partition(":")
+        loaded = importlib.import_module(module)
+        if function:
+            getattr(loaded, function)()
+
+
+def _serve(channel: IO[str]) -> int:
+    from .execute import ModelCache
+
+    cache = ModelCache()
+    for line in sys.stdin:
+        if line.strip():
+            channel.write(json.dumps(handle(json.loads(line), cache)) + "\n")
+            channel.flush()
+    return 0
+
+
+def handle(request: dict[str, Any], cache: Any = None, backend: Any = None) -> dict[str, Any]:
+    """Execute one request; every outcome, an exception included, becomes a reply."""
+    from . import backends
+    from .errors import SkipWorkload, UsageError
+    from .execute import execute
+    from .spec import RecordContext, WorkloadSpec
+
+    try:
+        spec = WorkloadSpec.from_json(request["spec"])
+        context = RecordContext.from_json(request["context"])
+        if backend is None:
+            backend = _backend(backends, request["backend"])
+        record = execute(spec, context, backend, cache)
+        return {"record": record.to_json()}
+    except UsageError as exc:
+        return {"usage": str(exc)}
+    except SkipWorkload as exc:
+        return {"skip": str(exc)}
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return {
+            "error": f"{type(exc).__name__}: {text[0] if text else ''}"[:500],
+            "traceback": traceback.format_exc()[-4000:],
+        }
+
+
+def _backend(backends: Any, name: str) -> Any:
+    try:
+        return backends.get_backend(name)
+    except KeyError as exc:
+        raise RuntimeError(
+            f"{exc.args[0]} in the worker process: a backend registered in a conftest must be "
+            f"importable here, list its module in {IMPORTS_ENV}"
+        ) from None
+
+
+def _rank(request_path: Path, out: Path) -> int:
+    from . import backends
+    from .launchers.torchrun import RankBackend, init_rank
+
+    request = json.loads(request_path.read_text(encoding="utf-8"))
+    inner = _backend(backends, request["backend"])
+    rank = init_rank(inner)
+    reply = handle(request, backend=RankBackend(inner))
+    if rank == 0:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(reply), encoding="utf-8")
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

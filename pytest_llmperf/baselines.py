@@ -31,6 +31,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -532,7 +533,7 @@ def load_dir(root: _PathLike) -> dict[tuple[str, str], BaselineFile]:
         if directory.name.startswith(".") or not directory.is_dir():
             continue
         for file in sorted(directory.glob("*.json")):
-            if file.name.startswith(".") or not file.is_file():
+            if file.name.startswith("."):
                 continue
             loaded = load(file)
             if loaded is not None:
@@ -745,7 +746,27 @@ def _lock_path(path: Path) -> Path:
         with suppress(OSError):
             directory.mkdir(mode=0o1777)
             os.chmod(directory, 0o1777)  # mkdir's mode is cut by the umask
+    _forget_old_locks(directory)
     return directory / f"{digest}.lock"
+
+
+_LOCK_MAX_AGE_S = 7 * 24 * 3600
+_locks_swept = False
+
+
+def _forget_old_locks(directory: Path) -> None:
+    """Once per process, remove lock files untouched for a week: a lock is held for
+    milliseconds, so nobody waits on one that old, and the directory stays small."""
+    global _locks_swept
+    if _locks_swept:
+        return
+    _locks_swept = True
+    cutoff = time.time() - _LOCK_MAX_AGE_S
+    with suppress(OSError):
+        for entry in os.scandir(directory):
+            with suppress(OSError):
+                if entry.name.endswith(".lock") and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
 
 
 @contextmanager
@@ -813,7 +834,7 @@ def update(
     if not isinstance(device.get("key"), str) or not device["key"]:
         raise ValueError(f"device must have a non-empty 'key' string, got {device!r}")
 
-    new_runs: list[tuple[str, dict[str, Any], str | None]] = []
+    new_runs: list[tuple[str, dict[str, Any], str | None, bool]] = []
     for record in records:
         if record.outcome not in STORED_OUTCOMES:
             continue
@@ -827,7 +848,9 @@ def update(
                 f"record {record.key!r} was measured on {record.device_key!r}, "
                 f"not {device['key']!r}; records go to their own device's file"
             )
-        new_runs.append((record.key, record_to_run(record, date=now), record.change))
+        new_runs.append(
+            (record.key, record_to_run(record, date=now), record.change, record.contended)
+        )
     if not new_runs:
         return []
 
@@ -843,7 +866,7 @@ def update(
         # Keys whose history this call started: later runs of the same key in the same call
         # (record --runs N, accept of several results files) append to it.
         started: set[str] = set()
-        for key, run, level in new_runs:
+        for key, run, level, contended in new_runs:
             old = entries.get(key, [])
             history, change = _merge(key, old, run, level, reset, append_only or key in started)
             if history is None:
@@ -857,8 +880,13 @@ def update(
                 change.detail = f"{len(entries[key])} runs kept" + (
                     f", {dropped} oldest dropped" if dropped else ""
                 )
+                if contended:
+                    change.detail += "; measured on a busy or shared device, so never a new level"
             changes.append(change)
-        merged = BaselineFile(path=path, suite=suite, device=device, entries=entries)
+        # A file shared through device_aliases keeps the device it was started on.
+        aliased = any((r.provenance or {}).get("device_key") for r in records)
+        kept = current.device if current is not None and aliased else device
+        merged = BaselineFile(path=path, suite=suite, device=kept, entries=entries)
         atomic_write(path, dumps(merged.to_json()))
     return changes
 

@@ -100,10 +100,43 @@ def _medians(runs: list[dict[str, Any]], name: str) -> list[float]:
     ]
 
 
-def _baseline_dir(text: str) -> Path:
-    root = Path(text)
+def project_baselines(start: Optional[Path] = None) -> Path:
+    """The baselines directory pytest would use from here: next to the nearest ini file pytest
+    reads (pytest.ini, pyproject.toml with [tool.pytest…], tox.ini with [pytest], setup.cfg with
+    [tool:pytest]), else in the current directory — as the plugin's default."""
+    here = (start or Path.cwd()).resolve()
+    markers = {
+        "pytest.ini": "",
+        ".pytest.ini": "",
+        "pyproject.toml": "[tool.pytest",
+        "tox.ini": "[pytest]",
+        "setup.cfg": "[tool:pytest]",
+    }
+    for directory in (here, *here.parents):
+        for name, marker in markers.items():
+            path = directory / name
+            if path.is_file():
+                try:
+                    text = path.read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    continue
+                if marker in text:
+                    return directory / "baselines"
+    return here / "baselines"
+
+
+def _shown(path: Path) -> str:
+    """A path as a user would type it: relative to the current directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _baseline_dir(text: Optional[str]) -> Path:
+    root = Path(text) if text is not None else project_baselines()
     if not root.is_dir():
-        raise CliError(f"{text}: no such baseline directory")
+        raise CliError(f"{root}: no such baseline directory")
     return root
 
 
@@ -326,7 +359,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "deleted, remove its baseline file by hand"
         )
     if not stale:
-        print(f"nothing to prune under {args.dir} ({scope}): every entry is produced by a test")
+        print(f"nothing to prune under {root} ({scope}): every entry is produced by a test")
         return 0
     per_file: dict[Path, int] = {}
     for path, _key in stale:
@@ -334,8 +367,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     verb = "removed" if args.yes else "would remove"
     print(f"pruning entries of {scope} (other devices' entries are kept; --all-devices for all)")
     for path, key in stale:
-        print(f"{verb}: {path}: {key}")
-    summary = ", ".join(f"{n} from {path}" for path, n in sorted(per_file.items()))
+        print(f"{verb}: {_shown(path)}: {key}")
+    summary = ", ".join(f"{n} from {_shown(path)}" for path, n in sorted(per_file.items()))
     if args.yes:
         print(f"removed {len(stale)} stale entries: {summary}")
     else:
@@ -356,28 +389,29 @@ def _acceptable(row: dict[str, Any]) -> bool:
 
 def cmd_accept(args: argparse.Namespace) -> int:
     """Store the runs of results files (CI artifacts) as --llmperf-update-baselines would."""
-    root = Path(args.dir)
     total: list[baselines.Change] = []
     errors: list[str] = []
     for name in args.results:
         data = report.load_results_file(Path(name))
-        rows = data["results"]
         run = data.get("run") or {}
-        ok = [row for row in rows if _acceptable(row)]
-        skipped = len(rows) - len(ok)
+        root = _accept_root(args.dir, run)
         label = args.label or run.get("label")
+        if label is not None:
+            label = _label(label)
+        rows = data["results"]
+        ok = [row for row in rows if _acceptable(row)]
         keep = args.baseline_runs or (run.get("settings") or {}).get("baseline_runs") or 5
-        records = [Record.from_json(row["record"]) for row in ok]
         changes, failed = baselines.store_records(
             root,
-            records,
+            [Record.from_json(row["record"]) for row in ok],
             devices=run.get("devices") or {},
             label=label,
             keep_runs=int(keep),
         )
-        where = f"{root}" + (f" (label {label})" if label else "")
+        skipped = len(rows) - len(ok)
         print(
-            f"{name}: {len(ok)} results into {where}"
+            f"{name}: {len(changes)} of {len(rows)} results into {root.resolve()}"
+            + (f" (label {label})" if label else "")
             + (
                 f"; {skipped} not accepted (error outcome, or their test failed for its own reason)"
                 if skipped
@@ -393,6 +427,26 @@ def cmd_accept(args: argparse.Namespace) -> int:
     if not total and not errors:
         print("nothing to accept")
     return 1 if errors else 0
+
+
+def _accept_root(given: Optional[str], run: dict[str, Any]) -> Path:
+    """--dir, else the directory the run used when it exists here (the same node), else the
+    project's baselines directory as pytest would find it from here."""
+    if given is not None:
+        return Path(given)
+    recorded = run.get("baselines")
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        return Path(recorded)
+    return project_baselines()
+
+
+def _label(text: str) -> str:
+    from .settings import SettingError, parse_label
+
+    try:
+        return parse_label(text)
+    except SettingError as exc:
+        raise CliError(f"label {text!r}: {exc}") from None
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -456,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_record)
 
     show = bsub.add_parser("show", help="entries, runs and between-run spread per device")
-    show.add_argument("dir", nargs="?", default="baselines")
+    show.add_argument(
+        "dir", nargs="?", default=None, help="default: baselines/ next to the project's ini file"
+    )
     show.set_defaults(func=cmd_show)
 
     diff = bsub.add_parser("diff", help="compare two baseline directories or git:REV")
@@ -467,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff.set_defaults(func=cmd_diff)
 
     prune = bsub.add_parser("prune", help="remove entries no collected test produces")
-    prune.add_argument("--dir", default="baselines")
+    prune.add_argument(
+        "--dir", default=None, help="default: baselines/ next to the project's ini file"
+    )
     prune.add_argument("--yes", action="store_true", help="really remove (default: dry run)")
     prune.add_argument(
         "--all-devices",
@@ -483,7 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--llmperf-update-baselines would have",
     )
     acc.add_argument("results", nargs="+", help="results.json files written by --llmperf-report")
-    acc.add_argument("--dir", default="baselines", help="baseline directory (default baselines)")
+    acc.add_argument(
+        "--dir",
+        default=None,
+        help="baseline directory (default: the run's, when it exists here, else baselines/ "
+        "next to the project's ini file)",
+    )
     acc.add_argument("--label", default=None, help="store under this label (default: the run's)")
     acc.add_argument(
         "--baseline-runs",

@@ -21,16 +21,11 @@ from . import engines, measure, models, scenarios
 from .backends.base import Backend
 from .engines.base import Engine, LoadedModel
 from .errors import SkipWorkload, UsageError
+from .noise import SCATTER_LIMIT, busy_load, scatter
 from .results import MetricValue, Record
 from .scenarios.base import Scenario
 from .spec import RecordContext, WorkloadSpec
 from .units import format_value
-
-#: The machine counts as busy when the 1-minute load average exceeds this many times the CPU
-#: count, plus BUSY_SLACK. Our own torch threads alone keep the load near the CPU count, and
-#: the load average lags by a minute, so "above the CPU count" would flag our own runs.
-BUSY_FACTOR = 1.25
-BUSY_SLACK = 0.5
 
 
 @dataclass
@@ -276,22 +271,18 @@ def fill_timing(
             f"machine busy: load average {record.busy_load:.1f} on {os.cpu_count()} CPUs "
             "during the rounds"
         )
+    record.scatter = scatter(timing.e2e)
+    if record.scatter is not None:
+        notes.append(
+            f"rounds scattered (robust CV {record.scatter:.0%} > {SCATTER_LIMIT:.0%}): "
+            "something else ran on the device"
+        )
     if record.shared_workers > 1:
         notes.append(
             f"{record.shared_workers} pytest-xdist workers shared this {record.backend} "
             "device while it was measured"
         )
     record.note = "; ".join(notes)
-
-
-def busy_load(load: Optional[float]) -> Optional[float]:
-    """``load`` when other processes competed for the CPU during the rounds, else None.
-
-    On a shared box descheduled torch threads make a tiny model 10x slower; a regression
-    measured then says nothing about the code (the gate calls it inconclusive).
-    """
-    cpus = os.cpu_count() or 1
-    return load if load is not None and load > cpus * BUSY_FACTOR + BUSY_SLACK else None
 
 
 def is_oom(exc: BaseException, backend: Backend) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import verdict
+from .noise import SCATTER_LIMIT
 from .results import Record
 
 Remeasure = Callable[[], Record]
@@ -97,6 +98,12 @@ def _confirm_regression(
         entry = verdict.judge(chosen, runs, settings)
     shown = _shown(chosen, attempts)
     n = len(attempts)
+    medians = [_headline(r) for r in attempts]
+    spread = max(medians) / min(medians) - 1 if n > 1 and min(medians) > 0 else 0.0
+    if change_of(entry) == direction and spread > SCATTER_LIMIT:
+        # Every measurement regressed, but they disagree by more than a quiet device allows:
+        # a neighbour's job, not (only) the code.
+        chosen.scatter = spread
     if change_of(entry) == direction:
         word = (
             f"over the limit in all {n} measurements ({shown})"
@@ -106,6 +113,9 @@ def _confirm_regression(
     else:
         word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the best"
     _add_note(chosen, word)
+    if chosen is not record:
+        _carry(record, chosen)
+        entry = verdict.judge(chosen, runs, settings)
     return chosen, entry
 
 
@@ -130,9 +140,24 @@ def _confirm_improvement(
             )
             return record, entry, False
     worst = max(attempts, key=_headline)
+    if worst is not record:
+        _carry(record, worst)
     shown = _shown(worst, attempts)
     _add_note(worst, f"improvement confirmed by {len(attempts)} measurements ({shown})")
     return worst, verdict.judge(worst, runs, settings), True
+
+
+#: Metrics of a workload's start (loading, the warm-up with its compile): measured once, by the
+#: first measurement; a re-measurement reuses the warm model and warms up less.
+_FIRST_ONLY = ("load_time_s", "warmup_s")
+
+
+def _carry(first: Record, chosen: Record) -> None:
+    for name in _FIRST_ONLY:
+        if name in first.metrics:
+            chosen.metrics[name] = first.metrics[name]
+        else:
+            chosen.metrics.pop(name, None)
 
 
 def _shown(chosen: Record, attempts: list[Record]) -> str:

@@ -101,6 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _resolve_config(config: pytest.Config) -> _Config:
+    S.check_environment(os.environ)
     settings = S.resolve(
         cli=lambda name: config.getoption(f"llmperf_{name}"),
         ini=config.getini,
@@ -267,6 +268,41 @@ def _param_text(value: Any) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # tryfirst: the backend marks must exist before `-m cpu` deselects.
+    _mark_and_key(config, items)
+    try:
+        _check_unique(items)
+    except S.SettingError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _check_unique(items: list[pytest.Item]) -> None:
+    """Two test files with one stem would share a baseline file, and two tests with one key
+    one entry: each would overwrite and judge the other's numbers. Refuse at collection."""
+    files: dict[str, Path] = {}
+    keys: dict[tuple[str, str, str], str] = {}
+    for item in items:
+        if KEY not in item.stash:
+            continue
+        path = Path(str(item.path))
+        other = files.setdefault(path.stem, path)
+        if other != path:
+            raise S.SettingError(
+                f"{other} and {path} would share the baseline file <device>/{path.stem}.json: "
+                "rename one of the test files"
+            )
+        callspec = getattr(item, "callspec", None)
+        backend = str(callspec.params.get("llmperf_backend", "")) if callspec is not None else ""
+        seen = keys.setdefault((path.stem, backend, item.stash[KEY]), item.nodeid)
+        if seen != item.nodeid:
+            raise S.SettingError(
+                f"{seen} and {item.nodeid} have the same baseline key {item.stash[KEY]!r} "
+                "(a parameter value without a stable text, e.g. an object without __repr__): "
+                "give the values a __repr__ or name them with pytest.param(..., id=...) and a "
+                "plain parameter"
+            )
+
+
+def _mark_and_key(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         marker = item.get_closest_marker("llmperf")
         try:

@@ -122,6 +122,13 @@ def failure_text(record: Record, entry: EntryVerdict, runs: Sequence[dict[str, A
             "numbers are acceptable"
         )
         return "\n".join(lines)
+    if record.contended:
+        lines.append(
+            "  measured on a busy or shared device: accepting stores this run as one more run, "
+            "not a new level; re-run on a quiet node (without -n), or start the entry afresh "
+            "with --llmperf-reset-baselines"
+        )
+        return "\n".join(lines)
     if runs:
         changed = baselines.version_changes(
             baselines.perf_versions(runs[-1].get("provenance", {})),
@@ -221,7 +228,7 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-HEADER = ["test", "backend", "outcome", "median e2e", "ms/token", "tokens/s", "peak mem", "verdict"]
+HEADER = ["test", "backend", "outcome", "median", "ms/token", "tokens/s", "peak mem", "verdict"]
 
 
 def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
@@ -268,9 +275,10 @@ def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     return lines
 
 
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
+def summary_markdown(rows: list[dict[str, Any]], coverage: Optional[Coverage] = None) -> str:
     """One table per backend and device (and node, when results of several are merged):
-    test, metric, baseline, now, ratio, verdict."""
+    test, metric, baseline, now, ratio, verdict; then the notes (busy or shared devices,
+    confirmations), and what the run judged when the live run knows it."""
 
     def host(row: dict[str, Any]) -> str:
         return str(row["record"].get("provenance", {}).get("hostname") or "?")
@@ -281,34 +289,58 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         r = row["record"]
         groups[(r["backend"], r["device_key"], host(row) if several_nodes else "")].append(row)
     out = ["# llmperf summary", ""]
+    if coverage is not None and coverage.total:
+        out += [f"**{_md(coverage.headline())}**", ""]
+        out += [f"- {_md(reason)}" for reason in coverage.reasons]
+        out += [""] if coverage.reasons else []
     if not rows:
         out.append("No benchmark ran.")
     for (backend, device, node), group in sorted(groups.items()):
         out += [f"## {backend}: {device}" + (f" on {node}" if node else ""), ""]
         out += ["| test | metric | baseline | now | ratio | verdict |", "|---|---|---|---|---|---|"]
         for row in group:
-            r = row["record"]
-            v = row.get("verdict")
-            if v is None or r["outcome"] != "ok":
-                out.append(f"| `{r['key']}` | outcome | | {r['outcome']} | | {verdict_word(row)} |")
-                continue
-            for m in v["metrics"]:
-                if m["metric"] not in METRICS:
-                    if m["verdict"] != "pass":
-                        out.append(f"| `{r['key']}` | {m['metric']} | | | | {m['verdict']} |")
-                    continue
-                unit = METRICS[m["metric"]].unit
-                ratio = f"×{m['ratio']:.3f}" if m.get("ratio") is not None else ""
-                failed = m["failed"] and row.get("gate", True)
-                word = ("**FAIL** " if failed else "") + m["verdict"]
-                if not m["gated"] and m["verdict"] != "pass":
-                    word += " (not gated)"
-                out.append(
-                    f"| `{r['key']}` | {m['metric']} | {format_value(m['baseline'], unit)} | "
-                    f"{format_value(m['current'], unit)} | {ratio} | {word} |"
-                )
+            out += _markdown_rows(row)
+        notes = [row["record"] for row in group if row["record"].get("note")]
+        if notes:
+            out += ["", *(f"- `{_md(r['key'])}`: {_md(r['note'])}" for r in notes)]
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell or list item (test ids may hold `|`)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown_rows(row: dict[str, Any]) -> list[str]:
+    r = row["record"]
+    key = f"`{_md(r['key'])}`"
+    v = row.get("verdict")
+    if v is None or r["outcome"] != "ok":
+        return [f"| {key} | outcome | | {r['outcome']} | | {verdict_word(row)} |"]
+    out = []
+    for m in v["metrics"]:
+        if m["metric"] not in METRICS:
+            if m["verdict"] != "pass":
+                out.append(f"| {key} | {m['metric']} | | | | {m['verdict']} |")
+            continue
+        unit = METRICS[m["metric"]].unit
+        ratio = f"×{m['ratio']:.3f}" if m.get("ratio") is not None else ""
+        out.append(
+            f"| {key} | {m['metric']} | {format_value(m['baseline'], unit)} | "
+            f"{format_value(m['current'], unit)} | {ratio} | {_metric_word(row, m)} |"
+        )
+    return out
+
+
+def _metric_word(row: dict[str, Any], m: dict[str, Any]) -> str:
+    if m["failed"] and row["record"].get("inconclusive"):
+        return f"inconclusive ({m['verdict']} on a contended device, not failed)"
+    failed = m["failed"] and row.get("gate", True)
+    word = ("**FAIL** " if failed else "") + m["verdict"]
+    if not m["gated"] and m["verdict"] != "pass":
+        word += " (not gated)"
+    return word
 
 
 # -- pytest-benchmark interop ----------------------------------------------------------------

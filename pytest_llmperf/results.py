@@ -49,7 +49,10 @@ class Record:
 
     * ``busy_load`` — the load average when it exceeded what this process accounts for
       (another job on the node); ``shared_workers`` — pytest-xdist workers that shared the
-      device while this was measured. Either makes a regression *inconclusive*.
+      device while this was measured; ``scatter`` — the rounds' robust CV, or the spread of
+      confirmation measurements, when beyond what a quiet device shows (the load average lags a
+      minute behind a neighbour's job, the scatter does not). Any of them makes a regression
+      *inconclusive*.
     * ``inconclusive`` — set by the gate when it did not fail a regression for that reason.
     * ``measurements`` — the headline medians of every measurement when a change was
       re-measured to confirm it (the first is the original).
@@ -71,6 +74,7 @@ class Record:
     nodeid: str = ""
     busy_load: float | None = None
     shared_workers: int = 0
+    scatter: float | None = None
     inconclusive: bool = False
     measurements: list[float] = field(default_factory=list)
     change: str | None = None
@@ -108,7 +112,7 @@ class Record:
     @property
     def contended(self) -> bool:
         """Measured while something else competed for the device: numbers not to judge on."""
-        return self.busy_load is not None or self.shared_workers > 1
+        return self.busy_load is not None or self.shared_workers > 1 or self.scatter is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,7 @@ class Record:
             "provenance": self.provenance,
             "busy_load": self.busy_load,
             "shared_workers": self.shared_workers,
+            "scatter": self.scatter,
             "inconclusive": self.inconclusive,
             "measurements": list(self.measurements),
             "change": self.change,
@@ -151,6 +156,7 @@ class Record:
             provenance=data.get("provenance", {}),
             busy_load=data.get("busy_load"),
             shared_workers=int(data.get("shared_workers") or 0),
+            scatter=data.get("scatter"),
             inconclusive=bool(data.get("inconclusive", False)),
             measurements=list(data.get("measurements") or []),
             change=data.get("change"),

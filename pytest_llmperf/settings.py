@@ -121,7 +121,7 @@ def _backends(text: str) -> list[str]:
     return out
 
 
-def _label(text: str) -> str:
+def parse_label(text: str) -> str:
     # A label is a directory name in git (baselines/<device-key>@<label>/). Only lowercase ASCII,
     # so two labels can never fold onto one directory: "café" and "cafe" would after accent
     # folding, "SDK2" and "sdk2" on a case-insensitive (macOS, Windows) checkout.
@@ -198,7 +198,9 @@ OPTIONS: tuple[Option, ...] = (
         False,
         flag=True,
     ),
-    Option("label", "keep a separate baseline set: baselines/<device-key>@<label>/", _label, None),
+    Option(
+        "label", "keep a separate baseline set: baselines/<device-key>@<label>/", parse_label, None
+    ),
     Option(
         "tolerance",
         "allowed worsening as a fraction (default: the backend's, 0.03; cpu 0.08), or "
@@ -367,11 +369,9 @@ def parse_marker(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
             else:
                 allowed = ", ".join((*MARKER_KEYS, "max_<metric>", "min_<metric>"))
                 known = [*MARKER_KEYS, *(f"{b}_{m}" for b in ("max", "min") for m in METRICS)]
-                import difflib
-
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise SettingError(f"unknown keyword {key!r}{hint}; allowed: {allowed}")
+                raise SettingError(
+                    f"unknown keyword {key!r}{_did_you_mean(key, known)}; allowed: {allowed}"
+                )
         except SettingError as exc:
             raise SettingError(f"{source}: {exc}") from None
     if limits:
@@ -407,7 +407,39 @@ def tool_table(pyproject: Path | None) -> dict[str, Any]:
     table = data.get("tool", {}).get("llmperf", {})
     if not isinstance(table, dict):
         raise SettingError(f"{pyproject}: [tool.llmperf] must be a table")
+    for key in table:
+        if key not in TOOL_KEYS:
+            raise SettingError(
+                f"{pyproject}: [tool.llmperf] {key}: unknown key{_did_you_mean(key, TOOL_KEYS)}; "
+                f"known: {', '.join(TOOL_KEYS)} (options go in [tool.pytest.ini_options] as "
+                "llmperf_*)"
+            )
     return table
+
+
+#: Keys of ``[tool.llmperf]``: project settings that are not options.
+TOOL_KEYS = ("device_aliases",)
+#: Environment variables of ours that are not options (set by the CLI and for workers).
+INTERNAL_ENV = ("LLMPERF_KEYS_OUT", "LLMPERF_RECORD_RUN", "LLMPERF_WORKER_IMPORTS")
+
+
+def _did_you_mean(word: str, known: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """A misspelt ``LLMPERF_*`` variable would be ignored while the user believes it set; a
+    gate configured by accident is worse than one that refuses to start."""
+    known = [opt.envvar for opt in OPTIONS if opt.env] + list(INTERNAL_ENV)
+    for name in sorted(environ):
+        if name.startswith("LLMPERF_") and name not in known:
+            raise SettingError(
+                f"env {name}: unknown variable{_did_you_mean(name, known)}; known: "
+                + ", ".join(opt.envvar for opt in OPTIONS if opt.env)
+            )
 
 
 @dataclass(frozen=True)

@@ -304,7 +304,7 @@ class RunState:
         if self.updating:
             self._update_baselines()
         self.errors += self.strict_problems()
-        text = report.summary_markdown(self.rows) if self.rows else None
+        text = report.summary_markdown(self.rows, self.coverage()) if self.rows else None
         if self.report_dir is not None:
             self._write_results()
             if not self._report_failed:
@@ -362,15 +362,17 @@ class RunState:
         """How many workloads were judged against a baseline, and why the others were not."""
         cov = report.Coverage(gating=self.gating, updating=self.updating)
         missing: dict[str, int] = defaultdict(int)
-        crashed = unusable = 0
+        crashed = unusable = unjudged = 0
         for row in self.rows:
             record = row["record"]
             cov.total += 1
             v = row.get("verdict")
             if record["outcome"] == "error":
                 crashed += 1
-            elif v is None:
+            elif v is None and row.get("gate_failed"):
                 unusable += 1
+            elif v is None:
+                unjudged += 1
             elif _no_history(v):
                 missing[self._missing_reason(record["device_key"], record["suite"])] += 1
             else:
@@ -380,6 +382,10 @@ class RunState:
         if unusable:
             cov.reasons.append(
                 f"{unusable} not judged: their baseline file is unusable (see their test failures)"
+            )
+        if unjudged:
+            cov.reasons.append(
+                f"{unjudged} not judged: their test failed before its workloads were judged"
             )
         for reason, count in sorted(missing.items()):
             cov.reasons.append(f"{count} not judged: {reason}")
@@ -395,7 +401,11 @@ class RunState:
         if not self.baselines_root.is_dir():
             return f"the baselines directory {self.baselines_root} does not exist"
         if not path.parent.is_dir():
-            return f"no baselines for device key {path.parent.name} in {self.baselines_root}"
+            unlabelled = self.baseline_path(device_key, suite).parent.name.split("@", 1)[0]
+            also = ""
+            if self.settings.label and (self.baselines_root / unlabelled).is_dir():
+                also = f" ({unlabelled} without the label has baselines)"
+            return f"no baselines for device key {path.parent.name} in {self.baselines_root}{also}"
         if not path.is_file():
             return f"no file {path}"
         return f"no entry for it in {path}"
@@ -419,11 +429,21 @@ class RunState:
             return []
         hints = []
         known = _device_dirs(self.baselines_root)
-        for device_key in sorted({row["record"]["device_key"] for row in self.rows}):
+        measured = {
+            row["record"]["device_key"]: row["record"].get("provenance", {}).get("device_key")
+            for row in self.rows
+        }
+        for device_key, real in sorted(measured.items()):
             if device_key in known or not known:
                 continue
             others = ", ".join(known)
             hints.append(f"{self.baselines_root} has baselines for: {others}")
+            if real:
+                hints.append(
+                    f"device_aliases ({self.aliases.source}) maps {real} onto {device_key}, "
+                    "which has no baselines there: fix the alias, or record baselines for it"
+                )
+                continue
             close = _closest(device_key, known)
             if close:
                 hints += [
@@ -433,9 +453,10 @@ class RunState:
                     f'    device_aliases = {{ "{device_key}" = "{close[0]}" }}',
                 ]
         if cov.missing:
+            label = f" --llmperf-label={self.settings.label}" if self.settings.label else ""
             hints.append(
                 "to record baselines on this node: llmperf baselines record --runs 3 "
-                "<your pytest arguments>"
+                f"<your pytest arguments>{label}"
             )
         return hints
 

@@ -40,6 +40,8 @@ def format_metric(value: Optional[float], name: str) -> str:
         return "-"
     unit = METRICS[name].unit
     if unit == "s":
+        if value < 0.001:
+            return f"{value * 1e6:.2f} µs"  # a fast kernel timed with measure()
         return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.3f} s"
     if unit == "ms":
         return f"{value:.3f} ms"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fakes import COMPILE_S, steady_e2e
 from helpers import FAKE, GENERATE, baseline_file
 
 from pytest_llmperf import cli
@@ -97,7 +98,7 @@ def test_accept_stores_the_failing_runs_results_and_the_next_run_passes(
     code = cli.main(["baselines", "accept", str(results)])
     out, _ = capfd.readouterr()
     assert code == 0
-    assert f"{results}: 1 results into baselines" in out
+    assert f"{results}: 1 of 1 results into {project.path / 'baselines'}" in out
     assert "  test_gen: restarted (new level: history restarted" in out
     (run,) = runs(project)
     assert run["provenance"]["hostname"] == row["record"]["provenance"]["hostname"]
@@ -122,7 +123,7 @@ def test_accept_skips_results_whose_test_failed_for_its_own_reason(project, capf
     code = cli.main(["baselines", "accept", str(project.path / "ci" / "results.json")])
     out, _ = capfd.readouterr()
     assert code == 0
-    assert "0 results into baselines; 1 not accepted" in out
+    assert "0 of 1 results into" in out and "; 1 not accepted" in out
     assert "nothing to accept" in out
     assert not (project.path / "baselines").exists()
 
@@ -159,3 +160,75 @@ def test_accept_of_a_bad_results_file_is_one_line_naming_the_file(
         assert code == 2
         (line,) = err.splitlines()
         assert line.startswith(f"llmperf: error: {bad}") and problem in line
+
+
+def test_a_regression_on_a_busy_device_is_appended_and_says_why_not_a_new_level(
+    three_runs, monkeypatch
+):
+    project = three_runs
+    monkeypatch.setenv("FAKE_SLOWDOWN", SLOWER)
+    monkeypatch.setenv("FAKE_LOAD", "50")
+    strict = project.runpytest(FAKE, "--llmperf-strict")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(
+        ["*measured on a busy or shared device: accepting stores this run*"]
+    )
+    result = project.runpytest(FAKE, "--llmperf-update-baselines")
+    result.stdout.fnmatch_lines(
+        [
+            "test_gen: appended (4 runs kept; measured on a busy or shared device, so never a "
+            "new level)"
+        ]
+    )
+
+
+def test_a_kept_re_measurement_carries_the_first_measurements_warm_up_and_load_time(
+    three_runs, monkeypatch
+):
+    """Re-measurements reuse the warm model and warm up once: their warm-up time is not the
+    workload's, and an accepted run would otherwise store a halved warmup_s."""
+    project = three_runs
+    monkeypatch.setenv("FAKE_SLOWDOWN", SLOWER)
+    monkeypatch.setenv("FAKE_BURST", "1.5:12")  # the first measurement is slower still
+    project.runpytest(FAKE, "--llmperf-update-baselines").assert_outcomes(passed=1)
+    run = runs(project)[-1]
+    # Stored with six significant digits.
+    assert run["metrics"]["e2e_latency_s"]["median"] == pytest.approx(steady_e2e(100, 1.3), 1e-5)
+    # Kept: the re-measurement's rounds, with the first measurement's load and warm-up
+    # (the compile step plus two calls at the burst's speed).
+    assert run["metrics"]["load_time_s"]["median"] == 0.5
+    assert run["metrics"]["warmup_s"]["median"] == pytest.approx(
+        COMPILE_S + 2 * steady_e2e(100, 1.3 * 1.5), rel=1e-5
+    )
+
+
+def test_accept_stores_into_the_projects_baselines_from_a_subdirectory(
+    three_runs, monkeypatch, capfd
+):
+    project = three_runs
+    monkeypatch.setenv("FAKE_SLOWDOWN", SLOWER)
+    project.makefile(".ini", pytest="[pytest]\n")
+    project.runpytest(FAKE, "--llmperf-report=ci").assert_outcomes(failed=1)
+    results = project.path / "ci" / "results.json"
+    data = json.loads(results.read_text())
+    data["run"]["baselines"] = "/nonexistent/ci/node/baselines"  # a CI node's path
+    results.write_text(json.dumps(data))
+    sub = project.path / "tests" / "sub"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    assert cli.main(["baselines", "accept", str(results)]) == 0
+    out, _ = capfd.readouterr()
+    assert f"into {project.path / 'baselines'}" in out
+    assert not (sub / "baselines").exists()
+    assert cli.main(["baselines", "show"]) == 0  # from the subdirectory too
+    assert "fake-chip / test_gate.json" in capfd.readouterr()[0]
+
+
+def test_accept_refuses_a_label_that_could_collide(three_runs, capsys):
+    project = three_runs
+    project.runpytest(FAKE, "--llmperf-report=ci").assert_outcomes(passed=1)
+    code = cli.main(
+        ["baselines", "accept", str(project.path / "ci" / "results.json"), "--label", "Café"]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and "label 'Café': expected a name of lowercase ASCII" in err

@@ -246,3 +246,37 @@ def test_report_into_a_missing_directory_is_one_line(tmp_path, capsys):
     assert code == 2
     (line,) = err.splitlines()
     assert "nodir/x.md" in line and "No such file or directory" in line
+
+
+def test_show_names_a_fifo_instead_of_skipping_it(tmp_path, capsys):
+    (tmp_path / "cpu-x").mkdir()
+    os.mkfifo(tmp_path / "cpu-x" / "test_a.json")
+    code = cli.main(["baselines", "show", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "test_a.json: is not a regular file" in err
+
+
+def test_a_markdown_cell_with_a_pipe_stays_one_cell():
+    from pytest_llmperf.report import summary_markdown
+
+    row = {
+        "nodeid": "t.py::test_x",
+        "test_outcome": "passed",
+        "record": {
+            "key": "test_x[op=a|b]",
+            "backend": "cpu",
+            "device_key": "cpu-x",
+            "outcome": "error",
+            "note": "boom | bang",
+        },
+        "verdict": None,
+    }
+    text = summary_markdown([row])
+    assert r"| `test_x[op=a\|b]` | outcome |" in text and r"boom \| bang" in text
+
+
+def test_microsecond_timings_are_not_printed_as_zero():
+    from pytest_llmperf.units import format_metric
+
+    assert format_metric(4.2e-6, "time_s") == "4.20 µs"
+    assert format_metric(0.0123, "time_s") == "12.30 ms"

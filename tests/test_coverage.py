@@ -222,3 +222,99 @@ def test_results_json_names_the_run_and_device(recorded):
     data = json.loads((recorded.path / "rep" / "results.json").read_text())
     assert data["run"]["devices"]["fake-chip"]["name"] == "Fake Chip"
     assert Path(data["run"]["baselines"]) == recorded.path / "baselines"
+
+
+# -- keys that would collide -------------------------------------------------------------------
+
+
+def test_two_test_files_with_one_name_are_refused_before_they_share_a_baseline_file(project):
+    for pkg in ("a", "b"):
+        project.mkpydir(pkg)
+        (project.path / pkg / "test_x.py").write_text(
+            "def test_k(llmperf):\n    llmperf.measure(lambda: llmperf.backend.advance(0.25))\n"
+        )
+    result = project.runpytest(FAKE)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    line = one_line_error(result)
+    assert "a/test_x.py and" in line and "b/test_x.py would share" in line
+    assert "rename one of the test files" in line
+
+
+def test_parameters_without_a_stable_text_that_collapse_to_one_key_are_refused(project):
+    project.makepyfile(
+        test_obj="""
+        import pytest
+
+        class Cfg:
+            def __init__(self, n):
+                self.n = n
+
+        @pytest.mark.parametrize("cfg", [Cfg(1), Cfg(2)])
+        def test_obj(llmperf, cfg):
+            llmperf.measure(lambda: llmperf.backend.advance(0.25 * cfg.n))
+        """
+    )
+    result = project.runpytest(FAKE)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "have the same baseline key 'test_obj[cfg=Cfg]'" in one_line_error(result)
+
+
+# -- settings nobody reads -------------------------------------------------------------------
+
+
+def test_a_misspelt_environment_variable_is_refused(project, monkeypatch):
+    project.makepyfile(test_gate=GENERATE)
+    monkeypatch.setenv("LLMPERF_TOLERENCE", "0.5")
+    result = project.runpytest(FAKE)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "LLMPERF_TOLERENCE: unknown variable (did you mean 'LLMPERF_TOLERANCE'?)" in (
+        one_line_error(result)
+    )
+
+
+def test_an_unknown_tool_llmperf_key_is_refused(project):
+    project.makepyfile(test_gate=GENERATE)
+    project.makefile(".ini", pytest="[pytest]\n")
+    project.makefile(".toml", pyproject='[tool.llmperf]\ndevice_alias = { "a" = "b" }\n')
+    result = project.runpytest(FAKE)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "device_alias: unknown key (did you mean 'device_aliases'?)" in one_line_error(result)
+
+
+def test_an_alias_onto_a_device_without_baselines_says_the_alias_is_wrong(recorded):
+    recorded.makefile(
+        ".ini", pytest="[pytest]\nllmperf_device_aliases =\n    fake-chip = fake-nothing\n"
+    )
+    result = recorded.runpytest(FAKE)
+    result.stdout.fnmatch_lines(
+        [
+            HEADLINE.format(judged=0, total=1),
+            "*device_aliases (*) maps fake-chip onto fake-nothing, which has no baselines there*",
+        ]
+    )
+
+
+def test_a_label_without_baselines_points_at_the_unlabelled_ones(recorded):
+    result = recorded.runpytest(FAKE, "--llmperf-label=sdk2")
+    result.stdout.fnmatch_lines(
+        [
+            "*no baselines for device key fake-chip@sdk2 in * (fake-chip without the label has "
+            "baselines)",
+            "*llmperf baselines record --runs 3 <your pytest arguments> --llmperf-label=sdk2",
+        ]
+    )
+
+
+def test_two_workloads_with_one_name_are_not_called_an_unusable_baseline(project):
+    project.makepyfile(
+        test_two="""
+        def test_two(llmperf):
+            llmperf.measure(lambda: llmperf.backend.advance(0.25))
+            llmperf.measure(lambda: llmperf.backend.advance(0.5))
+        """
+    )
+    result = project.runpytest(FAKE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["  1 not judged: their test failed before its workloads were judged"]
+    )

@@ -122,3 +122,26 @@ def test_no_gate_reports_a_confirmed_regression_without_failing():
 def test_strict_asks_for_a_baseline():
     d = decide(rec(1.0), [], GateSettings(), GatePolicy(strict=True), None)
     assert d.missing_baseline and not d.failed
+
+
+def test_rounds_scattered_beyond_a_quiet_device_make_a_regression_inconclusive():
+    """The load average lags a minute behind a neighbour's job; the rounds' scatter does not."""
+    record = rec(1.5)
+    record.scatter = 0.55
+    d = decide(record, history(), GateSettings(), GatePolicy(confirm=0), None)
+    assert d.inconclusive and not d.failed and d.record.change is None
+
+
+def test_confirmations_that_disagree_wildly_are_inconclusive_not_a_confirmed_regression():
+    d = decide(rec(1.5), history(), GateSettings(), GATING, Remeasure(3.0, 4.2))
+    assert d.record.scatter == pytest.approx(4.2 / 1.5 - 1)
+    assert d.inconclusive and not d.failed
+
+
+def test_the_scatter_of_rounds_is_measured_robustly():
+    from pytest_llmperf.noise import scatter
+
+    assert scatter([0.1] * 10) is None
+    assert scatter([0.100, 0.101, 0.099, 0.100, 0.102]) is None
+    noisy = [0.528, 0.532, 0.297, 0.199, 0.412, 0.244, 0.296, 0.175, 0.021, 0.023]
+    assert scatter(noisy) > 0.5  # a run a trial user saw pass without a word

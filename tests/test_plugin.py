@@ -1056,6 +1056,20 @@ def test_report_writes_a_markdown_summary_and_appends_it_to_the_github_step_summ
         summary
     )
     assert step.read_text() == "earlier step\n" + summary
+    assert "**llmperf: 1 of 1 workloads judged against a baseline**" in summary
+
+
+def test_the_markdown_summary_agrees_with_the_test_outcome_on_a_busy_device(project, monkeypatch):
+    """What reaches $GITHUB_STEP_SUMMARY must not say FAIL for a test that passed."""
+    project.makepyfile(test_gate=GENERATE)
+    project.runpytest(FAKE, "--llmperf-update-baselines")
+    monkeypatch.setenv("FAKE_SLOWDOWN", "1.2")
+    monkeypatch.setenv("FAKE_LOAD", "50")
+    project.runpytest(FAKE, "--llmperf-report=out").assert_outcomes(passed=1)
+    summary = (project.path / "out" / "summary.md").read_text()
+    assert "**FAIL**" not in summary
+    assert "| inconclusive (regressed on a contended device, not failed) |" in summary
+    assert "- `test_gen`: machine busy: load average 50.0" in summary
 
 
 def test_results_are_on_disk_after_each_test_even_if_the_run_is_killed(project):
@@ -1172,7 +1186,7 @@ def test_terminal_table_shows_each_workload_with_its_main_numbers(project):
     result.stdout.re_match_lines(
         [
             r"=+ llmperf results =+",
-            r"test\s+backend\s+outcome\s+median e2e\s+ms/token\s+tokens/s\s+peak mem\s+verdict$",
+            r"test\s+backend\s+outcome\s+median\s+ms/token\s+tokens/s\s+peak mem\s+verdict$",
             rf"test_gen\s+fake\s+ok\s+{e2e * 1000:.2f} ms\s+{e2e * 10:.3f} ms\s+"
             rf"{100 / e2e:.1f}\s+{format_value(PEAK_BYTES, 'B')}\s+no-baseline$",
             r"test_fn:step\s+fake\s+ok\s+250.00 ms\s+-\s+-\s+.*no-baseline$",
@@ -1187,7 +1201,7 @@ IMPORT_PROBE = """
 
     def pytest_collection_finish(session):
         heavy = ("transformers", "torch", "deepspeed", "optimum")
-        with open(os.environ["LLMPERF_PROBE_OUT"], "w") as f:
+        with open(os.environ["PROBE_OUT_FILE"], "w") as f:
             json.dump({name: name in sys.modules for name in heavy}
                       | {"collected": len(session.items)}, f)
 """
@@ -1197,7 +1211,7 @@ IMPORT_PROBE = """
 def test_collecting_the_shipped_suites_imports_no_ml_library(pytester, monkeypatch, backend):
     suites = Path(pytest_llmperf.__file__).resolve().parents[1] / "suites"
     out = pytester.path / "imports.json"
-    monkeypatch.setenv("LLMPERF_PROBE_OUT", str(out))
+    monkeypatch.setenv("PROBE_OUT_FILE", str(out))
     pytester.makepyfile(llmperf_import_probe=IMPORT_PROBE)
     result = pytester.runpytest_subprocess(
         "--collect-only",

@@ -70,8 +70,10 @@ import numpy as np
 from scipy import stats
 
 from pytest_llmperf.baselines import record_to_run
+from pytest_llmperf.gate import GatePolicy, decide
 from pytest_llmperf.metrics import METRICS
 from pytest_llmperf.metrics import metric as metric_info
+from pytest_llmperf.noise import scatter
 from pytest_llmperf.report import load_results
 from pytest_llmperf.results import MetricValue, Record
 from pytest_llmperf.verdict import GateSettings, Verdict, compare_metric, judge
@@ -328,9 +330,27 @@ def rule_mwu(alpha: float) -> Rule:
     return Rule(red, 1)
 
 
-def _lower_better(name: str) -> Callable[[MetricValue], float]:
-    sign = 1.0 if metric_info(name).lower_is_better else -1.0
-    return lambda m: sign * m.value
+def policy_red(
+    name: str, attempts: list[MetricValue], runs: list[dict[str, Any]], settings: GateSettings
+) -> bool:
+    """Red under the plugin's own gate policy (``gate.decide``): the run's first measurement
+    is judged, its later ones are what the confirmation's re-measurements would have seen, and
+    a regression on scattered rounds or disagreeing confirmations is inconclusive, not red."""
+    records = [
+        Record(
+            key=name,
+            suite="gate-quality",
+            backend="cpu",
+            device_key="pool",
+            outcome="ok",
+            metrics={name: m},
+            scatter=scatter(m.samples),
+        )
+        for m in attempts
+    ]
+    later = iter(records[1:])
+    policy = GatePolicy(gating=True, confirm=len(records) - 1)
+    return decide(records[0], runs, settings, policy, lambda: next(later)).failed
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -413,7 +433,7 @@ def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     for k in args.short_history:
         if k < k_hist:
             rules[f"default rule, K={k}"] = rule_default(settings, k)
-    confirm_name = f"default rule, K={k_hist}, + confirm ({n_attempts - 1} re-measurements)"
+    confirm_name = f"gate policy, K={k_hist}, + confirm ({n_attempts - 1} re-measurements)"
     if n_attempts > 1:
         # Placeholder: judged below from the run's later measurements, like the plugin does.
         rules[confirm_name] = rule_default(settings)
@@ -444,10 +464,9 @@ def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 cur = wl.current[scen][cur_idx]
                 for rname, rule in rules.items():
                     if rname == confirm_name:
-                        # state._confirm: red only if the best of all measurements is red too.
-                        best = min(wl.attempts[scen][cur_idx], key=_lower_better(name))
-                        first_red = red[f"default rule, K={k_hist}"][scen][t, w]
-                        red[rname][scen][t, w] = first_red and rule.red(name, best, runs)
+                        red[rname][scen][t, w] = policy_red(
+                            name, wl.attempts[scen][cur_idx], runs, settings
+                        )
                         continue
                     depth = k_hist if rule.depth is None else rule.depth
                     ckey = (rname, w, scen, cur_idx, *base_idx[-depth:])

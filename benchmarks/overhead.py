@@ -68,7 +68,8 @@ from _stats import Interval, goal_verdict, paired_interval
 
 from pytest_llmperf import models
 from pytest_llmperf.backends import Backend, get_backend
-from pytest_llmperf.runner import LLMPerf, ModelCache, Workload
+from pytest_llmperf.execute import ModelCache
+from pytest_llmperf.runner import LLMPerf, TestContext
 
 GOAL = 1.01
 #: Per-segment statistic the blocks compare (see the module docstring for the default).
@@ -102,13 +103,13 @@ def measure_with_plugin(
 ) -> PluginSegment:
     """One plugin segment: the only function that knows anything of runner.py's internals.
 
-    It measures through the path a test takes (a ``Workload`` context, ``LLMPerf.generate``)
+    It measures through the path a test takes (a ``TestContext``, ``LLMPerf.generate``)
     and reaches into ``ModelCache`` for one thing: the loaded model the plugin just timed, so
     the bare loop can time the very same object. Should runner.py change, adapt here only.
     """
     handle = LLMPerf(
         backend,
-        Workload(
+        TestContext(
             key=f"overhead:{model}:{tag}",
             suite="overhead",
             nodeid="benchmarks/overhead.py",

@@ -20,7 +20,6 @@ Nothing here imports pytest or torch; the plugin, the verdict and the CLI all ca
 from __future__ import annotations
 
 import atexit
-import datetime
 import hashlib
 import json
 import math
@@ -37,11 +36,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import filelock
 
 from .results import Record
+from .units import utc_now
 
 SCHEMA_VERSION = 1
 
@@ -381,35 +381,7 @@ class _Checker:
         )
         metrics = self.get(run, field, "metrics", lambda v: isinstance(v, dict), "an object")
         for name, summary in metrics.items():
-            mfield = _sub(_sub(field, "metrics"), name)
-            if not isinstance(summary, dict):
-                self.fail(mfield, "an object with median and samples", summary)
-            # Every metric is a duration, a size, a rate or a fraction: never negative. A
-            # negative median (a hand edit gone wrong) would make every run "regressed".
-            self.get(
-                summary,
-                mfield,
-                "median",
-                lambda v: v is None or (_is_number(v) and v >= 0),
-                "a number ≥ 0",
-            )
-            samples = self.get(
-                summary, mfield, "samples", lambda v: isinstance(v, list), "a list of numbers"
-            )
-            for i, sample in enumerate(samples):
-                if not _is_number(sample) or sample < 0:
-                    self.fail(f"{mfield}.samples[{i}]", "a number ≥ 0", sample)
-            self.get(
-                summary, mfield, "unit", lambda v: isinstance(v, str), "a string", required=False
-            )
-            self.get(
-                summary,
-                mfield,
-                "direction",
-                lambda v: v in ("lower", "higher"),
-                "'lower' or 'higher'",
-                required=False,
-            )
+            self.metric(summary, _sub(_sub(field, "metrics"), name))
         self.get(
             run,
             field,
@@ -433,6 +405,34 @@ class _Checker:
             pfield = _sub(field, "provenance")
             self.str_map(provenance, pfield, "versions")
             self.str_map(provenance, pfield, "env")
+
+    def metric(self, summary: Any, mfield: str) -> None:
+        if not isinstance(summary, dict):
+            self.fail(mfield, "an object with median and samples", summary)
+        # Every metric is a duration, a size, a rate or a fraction: never negative. A
+        # negative median (a hand edit gone wrong) would make every run "regressed".
+        self.get(
+            summary,
+            mfield,
+            "median",
+            lambda v: v is None or (_is_number(v) and v >= 0),
+            "a number ≥ 0",
+        )
+        samples = self.get(
+            summary, mfield, "samples", lambda v: isinstance(v, list), "a list of numbers"
+        )
+        for i, sample in enumerate(samples):
+            if not _is_number(sample) or sample < 0:
+                self.fail(f"{mfield}.samples[{i}]", "a number ≥ 0", sample)
+        self.get(summary, mfield, "unit", lambda v: isinstance(v, str), "a string", required=False)
+        self.get(
+            summary,
+            mfield,
+            "direction",
+            lambda v: v in ("lower", "higher"),
+            "'lower' or 'higher'",
+            required=False,
+        )
 
     def file(self, data: Any, path: Path) -> BaselineFile:
         if not isinstance(data, dict):
@@ -545,10 +545,6 @@ def load_dir(root: _PathLike) -> dict[tuple[str, str], BaselineFile]:
 # Records, provenance and versions
 
 
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def record_to_run(record: Record, date: str | None = None) -> dict[str, Any]:
     """One stored run from one measured :class:`Record`.
 
@@ -569,7 +565,7 @@ def record_to_run(record: Record, date: str | None = None) -> dict[str, Any]:
     except KeyError as exc:
         raise ValueError(f"record {record.key!r}: {exc.args[0]}") from None
     run: dict[str, Any] = {
-        "date": date or provenance.get("date") or _utc_now(),
+        "date": date or provenance.get("date") or utc_now(),
         "outcome": record.outcome,
         "metrics": metrics,
         "provenance": provenance,
@@ -833,27 +829,9 @@ def update(
     device = dict(device)
     if not isinstance(device.get("key"), str) or not device["key"]:
         raise ValueError(f"device must have a non-empty 'key' string, got {device!r}")
-
-    new_runs: list[tuple[str, dict[str, Any], str | None, bool]] = []
-    for record in records:
-        if record.outcome not in STORED_OUTCOMES:
-            continue
-        if record.suite != suite:
-            raise ValueError(
-                f"record {record.key!r} belongs to suite {record.suite!r}, not {suite!r}; "
-                "records go to their own suite's file"
-            )
-        if record.device_key and record.device_key != device["key"]:
-            raise ValueError(
-                f"record {record.key!r} was measured on {record.device_key!r}, "
-                f"not {device['key']!r}; records go to their own device's file"
-            )
-        new_runs.append(
-            (record.key, record_to_run(record, date=now), record.change, record.contended)
-        )
+    new_runs = _new_runs(records, suite, device["key"], now)
     if not new_runs:
         return []
-
     _make_dirs(path.parent)
     with _locked(path):
         current = load(path)
@@ -862,32 +840,68 @@ def update(
                 path, "suite", f"expected {suite!r} (the file's suite), got {current.suite!r}"
             )
         entries = dict(current.entries) if current is not None else {}
-        changes: list[Change] = []
-        # Keys whose history this call started: later runs of the same key in the same call
-        # (record --runs N, accept of several results files) append to it.
-        started: set[str] = set()
-        for key, run, level, contended in new_runs:
-            old = entries.get(key, [])
-            history, change = _merge(key, old, run, level, reset, append_only or key in started)
-            if history is None:
-                changes.append(change)
-                continue
-            if change.action != "appended":
-                started.add(key)
-            entries[key] = history[-keep_runs:]
-            dropped = len(history) - len(entries[key])
-            if change.action == "appended":
-                change.detail = f"{len(entries[key])} runs kept" + (
-                    f", {dropped} oldest dropped" if dropped else ""
-                )
-                if contended:
-                    change.detail += "; measured on a busy or shared device, so never a new level"
-            changes.append(change)
+        changes = _apply(entries, new_runs, keep_runs, reset, append_only)
         # A file shared through device_aliases keeps the device it was started on.
         aliased = any((r.provenance or {}).get("device_key") for r in records)
         kept = current.device if current is not None and aliased else device
         merged = BaselineFile(path=path, suite=suite, device=kept, entries=entries)
         atomic_write(path, dumps(merged.to_json()))
+    return changes
+
+
+_NewRun = tuple[str, dict[str, Any], Optional[str], bool]
+
+
+def _new_runs(
+    records: Sequence[Record], suite: str, device_key: str, now: str | None
+) -> list[_NewRun]:
+    """(key, run, confirmed change, contended) of the records to store, checked to belong here."""
+    out = []
+    for record in records:
+        if record.outcome not in STORED_OUTCOMES:
+            continue
+        if record.suite != suite:
+            raise ValueError(
+                f"record {record.key!r} belongs to suite {record.suite!r}, not {suite!r}; "
+                "records go to their own suite's file"
+            )
+        if record.device_key and record.device_key != device_key:
+            raise ValueError(
+                f"record {record.key!r} was measured on {record.device_key!r}, "
+                f"not {device_key!r}; records go to their own device's file"
+            )
+        out.append((record.key, record_to_run(record, date=now), record.change, record.contended))
+    return out
+
+
+def _apply(
+    entries: dict[str, list[dict[str, Any]]],
+    new_runs: list[_NewRun],
+    keep_runs: int,
+    reset: bool,
+    append_only: bool,
+) -> list[Change]:
+    changes: list[Change] = []
+    # Keys whose history this call started: later runs of the same key in the same call
+    # (record --runs N, accept of several results files) append to it.
+    started: set[str] = set()
+    for key, run, level, contended in new_runs:
+        old = entries.get(key, [])
+        history, change = _merge(key, old, run, level, reset, append_only or key in started)
+        if history is None:
+            changes.append(change)
+            continue
+        if change.action != "appended":
+            started.add(key)
+        entries[key] = history[-keep_runs:]
+        if change.action == "appended":
+            dropped = len(history) - len(entries[key])
+            change.detail = f"{len(entries[key])} runs kept" + (
+                f", {dropped} oldest dropped" if dropped else ""
+            )
+            if contended:
+                change.detail += "; measured on a busy or shared device, so never a new level"
+        changes.append(change)
     return changes
 
 
@@ -1055,19 +1069,7 @@ def materialize_git_rev(
     files under ``subdir`` raise :class:`BaselineError`.
     """
     repo = Path(repo)
-    if _git(repo, "rev-parse", "--git-dir").returncode != 0:
-        raise BaselineError(repo, None, "not a git repository; expected a git checkout")
-    if not rev or rev.startswith("-"):
-        raise BaselineError(f"git:{rev}", None, "not a revision; expected a commit, branch or tag")
-    found = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    if found.returncode != 0:
-        raise BaselineError(
-            f"git:{rev}",
-            None,
-            f"unknown revision in {repo}; expected a commit, branch or tag (see git log)",
-        )
-    commit = found.stdout.decode().strip()
-
+    commit = _commit(repo, rev)
     sub = Path(subdir)
     if sub.is_absolute():
         try:
@@ -1079,14 +1081,37 @@ def materialize_git_rev(
     if listing.returncode != 0:
         message = listing.stderr.decode(errors="replace").strip()
         raise BaselineError(f"git:{rev}", None, f"cannot list {rel}: {message}")
-
     if dest is None:
         out = Path(tempfile.mkdtemp(prefix="llmperf-git-"))
         atexit.register(shutil.rmtree, out, True)
     else:
         out = Path(dest)
+    if not _export(repo, rev, listing.stdout, out):
+        raise BaselineError(
+            f"git:{rev}", None, f"has no files under {rel}; expected a baselines directory there"
+        )
+    return out.joinpath(*rel.parts)
+
+
+def _commit(repo: Path, rev: str) -> str:
+    if _git(repo, "rev-parse", "--git-dir").returncode != 0:
+        raise BaselineError(repo, None, "not a git repository; expected a git checkout")
+    if not rev or rev.startswith("-"):
+        raise BaselineError(f"git:{rev}", None, "not a revision; expected a commit, branch or tag")
+    found = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if found.returncode != 0:
+        raise BaselineError(
+            f"git:{rev}",
+            None,
+            f"unknown revision in {repo}; expected a commit, branch or tag (see git log)",
+        )
+    return found.stdout.decode().strip()
+
+
+def _export(repo: Path, rev: str, listing: bytes, out: Path) -> int:
+    """Write the regular files of an ``ls-tree -z`` listing under ``out``; how many."""
     wrote = 0
-    for item in listing.stdout.split(b"\0"):
+    for item in listing.split(b"\0"):
         if not item:
             continue
         meta, _, name = item.partition(b"\t")
@@ -1105,8 +1130,4 @@ def materialize_git_rev(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(blob.stdout)
         wrote += 1
-    if not wrote:
-        raise BaselineError(
-            f"git:{rev}", None, f"has no files under {rel}; expected a baselines directory there"
-        )
-    return out.joinpath(*rel.parts)
+    return wrote

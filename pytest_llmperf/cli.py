@@ -20,7 +20,7 @@ from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
 from .state import RECORD_RUN_ENV
 from .units import format_value
-from .verdict import GateSettings, Verdict, between_run_spread, compare_metric
+from .verdict import GateSettings, Verdict, base_values, between_run_spread, compare_metric
 
 
 class CliError(Exception):
@@ -92,14 +92,6 @@ def _main_metric(run: dict[str, Any]) -> Optional[str]:
     return min(names) if names else None
 
 
-def _medians(runs: list[dict[str, Any]], name: str) -> list[float]:
-    return [
-        r["metrics"][name]["median"]
-        for r in runs
-        if r.get("outcome") == "ok" and r.get("metrics", {}).get(name, {}).get("median") is not None
-    ]
-
-
 def project_baselines(start: Optional[Path] = None) -> Path:
     """The baselines directory pytest would use from here: next to the nearest ini file pytest
     reads (pytest.ini, pyproject.toml with [tool.pytest…], tox.ini with [pytest], setup.cfg with
@@ -152,7 +144,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for key, runs in sorted(bf.entries.items()):
             newest = runs[-1] if runs else {}
             name = _main_metric(newest)
-            meds = _medians(runs, name) if name else []
+            meds = [m for m, _ in base_values(name, runs)] if name else []
             cv = between_run_spread(meds)  # the very spread the gate uses
             rows.append(
                 [
@@ -194,55 +186,19 @@ def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
     changes: dict[str, set[str]] = {}
     unchanged = 0
     for where in sorted(set(old_files) | set(new_files)):
-        before = old_files.get(where)
-        after = new_files.get(where)
+        before, after = old_files.get(where), new_files.get(where)
         label = f"{where[0]} / {where[1]}"
         keys = sorted(set(before.entries if before else {}) | set(after.entries if after else {}))
         for key in keys:
             old_runs = before.runs(key) if before else []
             new_runs = after.runs(key) if after else []
-            if not new_runs:
-                lines.append(f"| {label} | `{key}` | | | (removed) | | |")
-                continue
-            if not old_runs:
-                lines.append(
-                    f"| {label} | `{key}` | | (none) | {new_runs[-1].get('outcome')} | | added |"
-                )
-                continue
-            # Runs both sides hold are history, not change: compare what NEW added.
-            known = {json.dumps(r, sort_keys=True) for r in old_runs}
-            fresh = [r for r in new_runs if json.dumps(r, sort_keys=True) not in known]
-            if not fresh:
+            rows, changed = _diff_entry(f"| {label} | `{key}` |", old_runs, new_runs, alpha)
+            if rows is None:
                 unchanged += 1
                 continue
-            latest = fresh[-1]
-            changed = baselines.version_changes(
-                baselines.perf_versions(old_runs[-1].get("provenance", {})),
-                baselines.perf_versions(latest.get("provenance", {})),
-            )
+            lines += rows
             if changed:
                 changes.setdefault(label, set()).update(changed)
-            if latest.get("outcome") != "ok" or old_runs[-1].get("outcome") != "ok":
-                lines.append(
-                    f"| {label} | `{key}` | outcome | {old_runs[-1].get('outcome')} | "
-                    f"{latest.get('outcome')} | | |"
-                )
-                continue
-            for name, m in sorted(latest.get("metrics", {}).items()):
-                if name not in METRICS or m.get("median") is None:
-                    continue
-                current = MetricValue(name, m["median"], list(m.get("samples", [])))
-                mv = compare_metric(name, current, old_runs, GateSettings(alpha=alpha))
-                if mv.verdict is Verdict.NO_BASELINE:
-                    continue
-                unit = METRICS[name].unit
-                ratio = f"×{mv.ratio:.3f}" if mv.ratio is not None else ""
-                p = f", p={mv.p_value:.2g}" if mv.p_value is not None else ""
-                gated = "" if mv.gated or mv.verdict is Verdict.PASS else " (not gated)"
-                lines.append(
-                    f"| {label} | `{key}` | {name} | {format_value(mv.baseline, unit)} | "
-                    f"{format_value(mv.current, unit)} | {ratio} | {mv.verdict.value}{p}{gated} |"
-                )
     if unchanged:
         lines += ["", f"{unchanged} entries unchanged (no run added on the new side)."]
     if changes:
@@ -250,6 +206,46 @@ def diff_rows(old: Path, new: Path, alpha: float = 0.01) -> list[str]:
         for label, items in sorted(changes.items()):
             lines.append(f"- {label}: {', '.join(sorted(items))}")
     return lines
+
+
+def _diff_entry(
+    head: str, old_runs: list[dict[str, Any]], new_runs: list[dict[str, Any]], alpha: float
+) -> tuple[Optional[list[str]], list[str]]:
+    """(table rows, version changes) of one entry; rows None when the new side added nothing."""
+    if not new_runs:
+        return [f"{head} | | (removed) | | |"], []
+    if not old_runs:
+        return [f"{head} | (none) | {new_runs[-1].get('outcome')} | | added |"], []
+    # Runs both sides hold are history, not change: compare what NEW added.
+    known = {json.dumps(r, sort_keys=True) for r in old_runs}
+    fresh = [r for r in new_runs if json.dumps(r, sort_keys=True) not in known]
+    if not fresh:
+        return None, []
+    latest = fresh[-1]
+    changed = baselines.version_changes(
+        baselines.perf_versions(old_runs[-1].get("provenance", {})),
+        baselines.perf_versions(latest.get("provenance", {})),
+    )
+    if latest.get("outcome") != "ok" or old_runs[-1].get("outcome") != "ok":
+        row = f"{head} outcome | {old_runs[-1].get('outcome')} | {latest.get('outcome')} | | |"
+        return [row], changed
+    rows = []
+    for name, m in sorted(latest.get("metrics", {}).items()):
+        if name not in METRICS or m.get("median") is None:
+            continue
+        current = MetricValue(name, m["median"], list(m.get("samples", [])))
+        mv = compare_metric(name, current, old_runs, GateSettings(alpha=alpha))
+        if mv.verdict is Verdict.NO_BASELINE:
+            continue
+        unit = METRICS[name].unit
+        ratio = f"×{mv.ratio:.3f}" if mv.ratio is not None else ""
+        p = f", p={mv.p_value:.2g}" if mv.p_value is not None else ""
+        gated = "" if mv.gated or mv.verdict is Verdict.PASS else " (not gated)"
+        rows.append(
+            f"{head} {name} | {format_value(mv.baseline, unit)} | "
+            f"{format_value(mv.current, unit)} | {ratio} | {mv.verdict.value}{p}{gated} |"
+        )
+    return rows, changed
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -497,9 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model catalog").set_defaults(func=cmd_models)
 
-    b = sub.add_parser("baselines", help="record, show, diff or prune baselines")
-    bsub = b.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("baselines", help="record, show, diff, accept or prune baselines")
+    _add_baselines_commands(b.add_subparsers(dest="action", required=True))
 
+    rep = sub.add_parser("report", help="merge results.json files into one Markdown report")
+    rep.add_argument("results", nargs="+")
+    rep.add_argument("-o", "--output")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+_DIR_HELP = "baseline directory (default: baselines/ next to the project's ini file)"
+
+
+def _add_baselines_commands(bsub: Any) -> None:
     rec = bsub.add_parser(
         "record",
         help="run pytest N times in fresh processes, each appending a baseline run",
@@ -510,9 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_record)
 
     show = bsub.add_parser("show", help="entries, runs and between-run spread per device")
-    show.add_argument(
-        "dir", nargs="?", default=None, help="default: baselines/ next to the project's ini file"
-    )
+    show.add_argument("dir", nargs="?", default=None, help=_DIR_HELP)
     show.set_defaults(func=cmd_show)
 
     diff = bsub.add_parser("diff", help="compare two baseline directories or git:REV")
@@ -523,9 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.set_defaults(func=cmd_diff)
 
     prune = bsub.add_parser("prune", help="remove entries no collected test produces")
-    prune.add_argument(
-        "--dir", default=None, help="default: baselines/ next to the project's ini file"
-    )
+    prune.add_argument("--dir", default=None, help=_DIR_HELP)
     prune.add_argument("--yes", action="store_true", help="really remove (default: dry run)")
     prune.add_argument(
         "--all-devices",
@@ -555,12 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs of history kept per entry (default: the run's setting)",
     )
     acc.set_defaults(func=cmd_accept)
-
-    rep = sub.add_parser("report", help="merge results.json files into one Markdown report")
-    rep.add_argument("results", nargs="+")
-    rep.add_argument("-o", "--output")
-    rep.set_defaults(func=cmd_report)
-    return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -98,24 +98,15 @@ def execute(
     cache: Optional[ModelCache] = None,
 ) -> Record:
     """Measure ``spec`` on ``backend``; the record's outcome is ok or oom (errors raise)."""
-    cache = cache if cache is not None else ModelCache()
     scenario, engine, model = resolve(spec, backend)
+    job = _Job(spec, backend, scenario, engine, model, cache if cache is not None else ModelCache())
     record = context.new_record(spec, backend.name)
-    key = (
-        spec.model,
-        spec.dtype,
-        spec.engine,
-        spec.engine_options,
-        spec.seed,
-        backend.name,
-        spec.devices,
-    )
-    loaded = cache.get(key)
-    short = _memory_short(scenario, engine, model, spec, backend, cache, key, loaded is not None)
+    loaded = job.cache.get(job.key)
+    short = job.memory_short(cached=loaded is not None)
     if short is not None:
         return _not_run(record, *short)
     if loaded is None:
-        loaded = _load(engine, model, spec, backend, cache, key, record)
+        loaded = job.load(record)
         if loaded is None:
             return record
         record.metrics["load_time_s"] = MetricValue("load_time_s", loaded.load_time_s)
@@ -123,62 +114,96 @@ def execute(
         # load_time_s belongs to the record of the call that loaded the model.
         record.workload["model_reused"] = True
     inputs = scenario.prepare(spec, model, loaded, backend)
-    short = _exact_memory_short(scenario, engine, model, spec, backend, loaded, inputs)
+    short = job.exact_memory_short(loaded, inputs)
     if short is not None:
         return _not_run(record, *short)
-    return _measure(scenario, engine, spec, backend, loaded, inputs, record, cache)
+    return job.measure(loaded, inputs, record)
 
 
-def _free_bytes(backend: Backend, spec: WorkloadSpec, resident: int) -> Optional[int]:
-    avail = backend.available_memory_bytes()
-    if avail is None:
-        return None
-    return (avail if backend.shared_memory else avail * spec.devices) + resident
+@dataclass
+class _Job:
+    """One execution of a spec: what it was resolved to, and the session's model cache."""
 
+    spec: WorkloadSpec
+    backend: Backend
+    scenario: Scenario
+    engine: Engine
+    model: models.ModelSpec
+    cache: ModelCache
 
-def _memory_short(
-    scenario: Scenario,
-    engine: Engine,
-    model: models.ModelSpec,
-    spec: WorkloadSpec,
-    backend: Backend,
-    cache: ModelCache,
-    key: tuple,
-    cached: bool,
-) -> Optional[tuple[int, int]]:
-    """(need, free) when the workload cannot fit even with its shortest input; a model whose
-    weights alone cannot fit is skipped (nothing to measure on this node)."""
-    weights = engine.weight_bytes(model, spec.dtype)
-    # What the next load gets back: our own cached model (or the one to be replaced).
-    free = _free_bytes(backend, spec, weights if cached else cache.resident_bytes(key))
-    if free is None:
-        return None
-    if not cached and weights > free:
-        raise SkipWorkload(
-            f"{spec.model} cannot load on {backend.name}: its {spec.dtype} weights need "
-            f"{format_value(weights, 'B')}, {format_value(free, 'B')} available"
-        )
-    runtime = scenario.runtime_bytes(model, spec, scenario.tokens_floor(spec))
-    need = engine.memory_need(model, spec, runtime)
-    return (need, free) if need > free else None
+    @property
+    def key(self) -> tuple:
+        s = self.spec
+        return (s.model, s.dtype, s.engine, s.engine_options, s.seed, self.backend.name, s.devices)
 
+    def _free(self, resident: int) -> Optional[int]:
+        avail = self.backend.available_memory_bytes()
+        if avail is None:
+            return None
+        return (avail if self.backend.shared_memory else avail * self.spec.devices) + resident
 
-def _exact_memory_short(
-    scenario: Scenario,
-    engine: Engine,
-    model: models.ModelSpec,
-    spec: WorkloadSpec,
-    backend: Backend,
-    loaded: LoadedModel,
-    inputs: Any,
-) -> Optional[tuple[int, int]]:
-    # The weights are resident now: they are part of the need and of what is free.
-    free = _free_bytes(backend, spec, loaded.weight_bytes)
-    if free is None:
-        return None
-    runtime = scenario.runtime_bytes(model, spec, scenario.input_tokens(inputs))
-    need = engine.memory_need(model, spec, runtime)
-    return (need, free) if need > free else None
+    def memory_short(self, cached: bool) -> Optional[tuple[int, int]]:
+        """(need, free) when the workload cannot fit even with its shortest input; a model
+        whose weights alone cannot fit is skipped (nothing to measure on this node)."""
+        spec = self.spec
+        weights = self.engine.weight_bytes(self.model, spec.dtype)
+        # What the next load gets back: our own cached model (or the one to be replaced).
+        free = self._free(weights if cached else self.cache.resident_bytes(self.key))
+        if free is None:
+            return None
+        if not cached and weights > free:
+            raise SkipWorkload(
+                f"{spec.model} cannot load on {self.backend.name}: its {spec.dtype} weights need "
+                f"{format_value(weights, 'B')}, {format_value(free, 'B')} available"
+            )
+        return self._short(self.scenario.tokens_floor(spec), free)
+
+    def exact_memory_short(self, loaded: LoadedModel, inputs: Any) -> Optional[tuple[int, int]]:
+        # The weights are resident now: they are part of the need and of what is free.
+        free = self._free(loaded.weight_bytes)
+        if free is None:
+            return None
+        return self._short(self.scenario.input_tokens(inputs), free)
+
+    def _short(self, tokens: int, free: int) -> Optional[tuple[int, int]]:
+        runtime = self.scenario.runtime_bytes(self.model, self.spec, tokens)
+        need = self.engine.memory_need(self.model, self.spec, runtime)
+        return (need, free) if need > free else None
+
+    def load(self, record: Record) -> Optional[LoadedModel]:
+        self.cache.drop(self.backend)
+        try:
+            loaded = self.engine.load(self.model, self.spec, self.backend)
+        except Exception as exc:
+            if not is_oom(exc, self.backend):
+                raise
+            self.cache.drop(self.backend)
+            record.outcome, record.note = "oom", f"out of memory while loading: {exc}"
+            return None
+        self.cache.put(self.key, loaded)
+        return loaded
+
+    def measure(self, loaded: LoadedModel, inputs: Any, record: Record) -> Record:
+        spec, scenario = self.spec, self.scenario
+        try:
+            timing = measure.run_rounds(
+                self.backend,
+                scenario.call(self.engine, loaded, inputs, spec),
+                rounds=spec.rounds,
+                warmup=spec.warmup,
+                new_tokens=spec.new_tokens,
+                count_new_tokens=lambda out: scenario.produced(out, inputs),
+            )
+        except Exception as exc:
+            if not is_oom(exc, self.backend):
+                raise
+            self.cache.drop(self.backend)
+            record.outcome = "oom"
+            record.note = f"out of memory while {scenario.activity}: {exc}"
+            return record
+        scenario.fill(record, timing, inputs, loaded, spec, self.backend)
+        fill_timing(record, timing, self.backend, tokens=spec.batch_size * spec.new_tokens)
+        return record
 
 
 def _not_run(record: Record, need: int, free: int) -> Record:
@@ -187,59 +212,6 @@ def _not_run(record: Record, need: int, free: int) -> Record:
         f"not run: estimated need {format_value(need, 'B')} (weights + KV cache + activations) "
         f"> {format_value(free, 'B')} available"
     )
-    return record
-
-
-def _load(
-    engine: Engine,
-    model: models.ModelSpec,
-    spec: WorkloadSpec,
-    backend: Backend,
-    cache: ModelCache,
-    key: tuple,
-    record: Record,
-) -> Optional[LoadedModel]:
-    cache.drop(backend)
-    try:
-        loaded = engine.load(model, spec, backend)
-    except Exception as exc:
-        if not is_oom(exc, backend):
-            raise
-        cache.drop(backend)
-        record.outcome, record.note = "oom", f"out of memory while loading: {exc}"
-        return None
-    cache.put(key, loaded)
-    return loaded
-
-
-def _measure(
-    scenario: Scenario,
-    engine: Engine,
-    spec: WorkloadSpec,
-    backend: Backend,
-    loaded: LoadedModel,
-    inputs: Any,
-    record: Record,
-    cache: ModelCache,
-) -> Record:
-    try:
-        timing = measure.run_rounds(
-            backend,
-            scenario.call(engine, loaded, inputs, spec),
-            rounds=spec.rounds,
-            warmup=spec.warmup,
-            new_tokens=spec.new_tokens,
-            count_new_tokens=lambda out: scenario.produced(out, inputs),
-        )
-    except Exception as exc:
-        if not is_oom(exc, backend):
-            raise
-        cache.drop(backend)
-        record.outcome = "oom"
-        record.note = f"out of memory while {scenario.activity}: {exc}"
-        return record
-    scenario.fill(record, timing, inputs, loaded, spec, backend)
-    fill_timing(record, timing, backend, tokens=spec.batch_size * spec.new_tokens)
     return record
 
 

@@ -79,72 +79,71 @@ def _headline(record: Record) -> float:
     return float("inf") if value is None else value
 
 
-def _confirm_regression(
-    record: Record,
-    entry: verdict.EntryVerdict,
-    runs: list[dict[str, Any]],
-    settings: verdict.GateSettings,
-    again: Remeasure,
-    allowed: int,
-) -> tuple[Record, verdict.EntryVerdict]:
-    """Re-measure a regression; judge on the best measurement, so it fails only if every
-    measurement regresses."""
-    direction = change_of(entry)
-    attempts = [record]
-    chosen = record
-    while change_of(entry) == direction and len(attempts) <= allowed:
-        attempts.append(again())
-        chosen = min(attempts, key=_headline)
-        entry = verdict.judge(chosen, runs, settings)
-    shown = _shown(chosen, attempts)
-    n = len(attempts)
+@dataclass
+class _Confirmation:
+    """Re-measuring one workload against its stored runs, up to ``allowed`` times."""
+
+    runs: list[dict[str, Any]]
+    settings: verdict.GateSettings
+    again: Remeasure
+    allowed: int
+
+    def judge(self, record: Record) -> verdict.EntryVerdict:
+        return verdict.judge(record, self.runs, self.settings)
+
+    def regression(
+        self, record: Record, entry: verdict.EntryVerdict
+    ) -> tuple[Record, verdict.EntryVerdict]:
+        """Judge on the best measurement, so it fails only if every measurement regresses."""
+        direction = change_of(entry)
+        attempts, chosen = [record], record
+        while change_of(entry) == direction and len(attempts) <= self.allowed:
+            attempts.append(self.again())
+            chosen = min(attempts, key=_headline)
+            entry = self.judge(chosen)
+        shown, n = _shown(chosen, attempts), len(attempts)
+        confirmed = change_of(entry) == direction
+        if confirmed and _spread(attempts) > SCATTER_LIMIT:
+            # Every measurement regressed, but they disagree by more than a quiet device
+            # allows: a neighbour's job, not (only) the code.
+            chosen.scatter = _spread(attempts)
+        if not confirmed:
+            word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the best"
+        elif direction == "limit":
+            word = f"over the limit in all {n} measurements ({shown})"
+        else:
+            word = f"regression confirmed by {n} measurements ({shown})"
+        _add_note(chosen, word)
+        if chosen is not record:
+            _carry(record, chosen)
+            entry = self.judge(chosen)
+        return chosen, entry
+
+    def improvement(
+        self, record: Record, entry: verdict.EntryVerdict
+    ) -> tuple[Record, verdict.EntryVerdict, bool]:
+        """Confirmed when every measurement improves. An unconfirmed one keeps the original
+        verdict: an improvement never turns into a failure because a re-measurement was slow."""
+        attempts = [record]
+        while len(attempts) <= self.allowed:
+            attempts.append(self.again())
+            if change_of(self.judge(attempts[-1])) != "improved":
+                shown = _shown(record, attempts)
+                _add_note(
+                    record, f"improvement not confirmed: re-measured {len(attempts) - 1}x ({shown})"
+                )
+                return record, entry, False
+        worst = max(attempts, key=_headline)
+        if worst is not record:
+            _carry(record, worst)
+        shown = _shown(worst, attempts)
+        _add_note(worst, f"improvement confirmed by {len(attempts)} measurements ({shown})")
+        return worst, self.judge(worst), True
+
+
+def _spread(attempts: list[Record]) -> float:
     medians = [_headline(r) for r in attempts]
-    spread = max(medians) / min(medians) - 1 if n > 1 and min(medians) > 0 else 0.0
-    if change_of(entry) == direction and spread > SCATTER_LIMIT:
-        # Every measurement regressed, but they disagree by more than a quiet device allows:
-        # a neighbour's job, not (only) the code.
-        chosen.scatter = spread
-    if change_of(entry) == direction:
-        word = (
-            f"over the limit in all {n} measurements ({shown})"
-            if direction == "limit"
-            else f"regression confirmed by {n} measurements ({shown})"
-        )
-    else:
-        word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the best"
-    _add_note(chosen, word)
-    if chosen is not record:
-        _carry(record, chosen)
-        entry = verdict.judge(chosen, runs, settings)
-    return chosen, entry
-
-
-def _confirm_improvement(
-    record: Record,
-    entry: verdict.EntryVerdict,
-    runs: list[dict[str, Any]],
-    settings: verdict.GateSettings,
-    again: Remeasure,
-    allowed: int,
-) -> tuple[Record, verdict.EntryVerdict, bool]:
-    """Re-measure an improvement before it becomes a new baseline level: confirmed when every
-    measurement improves. An unconfirmed one keeps the original verdict (an improvement never
-    turns into a failure because a re-measurement was slow)."""
-    attempts = [record]
-    while len(attempts) <= allowed:
-        attempts.append(again())
-        if change_of(verdict.judge(attempts[-1], runs, settings)) != "improved":
-            shown = _shown(record, attempts)
-            _add_note(
-                record, f"improvement not confirmed: re-measured {len(attempts) - 1}x ({shown})"
-            )
-            return record, entry, False
-    worst = max(attempts, key=_headline)
-    if worst is not record:
-        _carry(record, worst)
-    shown = _shown(worst, attempts)
-    _add_note(worst, f"improvement confirmed by {len(attempts)} measurements ({shown})")
-    return worst, verdict.judge(worst, runs, settings), True
+    return max(medians) / min(medians) - 1 if len(medians) > 1 and min(medians) > 0 else 0.0
 
 
 #: Metrics of a workload's start (loading, the warm-up with its compile): measured once, by the
@@ -186,18 +185,17 @@ def decide(
     direction = change_of(entry)
     # With confirmation off the single measurement decides, as the user asked.
     confirmed = policy.confirm == 0
-    if again is not None and policy.confirm > 0 and direction in ("regressed", "limit"):
+    confirming = _Confirmation(runs, settings, again, policy.confirm) if again else None
+    if confirming and policy.confirm > 0 and direction in ("regressed", "limit"):
         # Also when not gating: a report should not call a burst a regression, and storing
         # the run must know whether the level changed.
         first = direction
-        record, entry = _confirm_regression(record, entry, runs, settings, again, policy.confirm)
+        record, entry = confirming.regression(record, entry)
         direction = change_of(entry)
         confirmed = direction == first
-    elif again is not None and policy.confirm > 0 and direction == "improved" and policy.updating:
+    elif confirming and policy.confirm > 0 and direction == "improved" and policy.updating:
         # An improvement fails nothing: re-measured only when it is about to be stored.
-        record, entry, confirmed = _confirm_improvement(
-            record, entry, runs, settings, again, policy.confirm
-        )
+        record, entry, confirmed = confirming.improvement(record, entry)
     failed = entry.failed
     limits_only = direction == "limit"
     inconclusive = failed and record.contended and not policy.strict and not limits_only

@@ -41,6 +41,46 @@ def _stamp(backend: Backend, into: list[float]) -> TokenHook:
     return hook
 
 
+def _check_tokens(
+    index: int, out: Any, new_tokens: int, count: Optional[Callable[[Any], Optional[int]]]
+) -> None:
+    produced = count(out) if count is not None else None
+    if produced is not None and produced != new_tokens:
+        raise TokenCountError(
+            f"round {index + 1}: generate returned {produced} new tokens but "
+            f"{new_tokens} were requested; the per-token metrics would be wrong"
+        )
+
+
+def _token_times(
+    timing: Timing, index: int, t0: float, stamps: list[float], new_tokens: int
+) -> None:
+    if len(stamps) == new_tokens:
+        timing.ttft.append(stamps[0] - t0)
+        timing.tpot.append((stamps[-1] - stamps[0]) / (new_tokens - 1) if new_tokens > 1 else 0.0)
+    elif index == 0:
+        timing.notes.append(
+            f"the token hook fired {len(stamps)} times for {new_tokens} tokens: "
+            "ttft_s/tpot_s not measured"
+        )
+
+
+def _check_consistency(timing: Timing, new_tokens: int) -> None:
+    worst = max(
+        (
+            abs(e - (f + (new_tokens - 1) * p)) / e
+            for e, f, p in zip(timing.e2e, timing.ttft, timing.tpot)
+            if e > 0
+        ),
+        default=0.0,
+    )
+    if worst > CONSISTENCY_TOLERANCE:
+        timing.notes.append(
+            f"ttft + (new_tokens-1)*tpot differs from e2e by {worst:.1%} "
+            f"(> {CONSISTENCY_TOLERANCE:.0%}): time is spent outside token generation"
+        )
+
+
 def run_rounds(
     backend: Backend,
     call: Callable[[Optional[TokenHook]], Any],
@@ -78,38 +118,10 @@ def run_rounds(
         t1 = backend.clock()
         timing.e2e.append(t1 - t0)
         timing.output = out
-        if new_tokens is None:
-            continue
-        if count_new_tokens is not None:
-            produced = count_new_tokens(out)
-            if produced is not None and produced != new_tokens:
-                raise TokenCountError(
-                    f"round {index + 1}: generate returned {produced} new tokens but "
-                    f"{new_tokens} were requested; the per-token metrics would be wrong"
-                )
-        if len(stamps) == new_tokens:
-            timing.ttft.append(stamps[0] - t0)
-            timing.tpot.append(
-                (stamps[-1] - stamps[0]) / (new_tokens - 1) if new_tokens > 1 else 0.0
-            )
-        elif index == 0:
-            timing.notes.append(
-                f"the token hook fired {len(stamps)} times for {new_tokens} tokens: "
-                "ttft_s/tpot_s not measured"
-            )
+        if new_tokens is not None:
+            _check_tokens(index, out, new_tokens, count_new_tokens)
+            _token_times(timing, index, t0, stamps, new_tokens)
     timing.peak_memory_bytes = backend.peak_memory_bytes()
     if timing.ttft and new_tokens:
-        worst = max(
-            (
-                abs(e - (f + (new_tokens - 1) * p)) / e
-                for e, f, p in zip(timing.e2e, timing.ttft, timing.tpot)
-                if e > 0
-            ),
-            default=0.0,
-        )
-        if worst > CONSISTENCY_TOLERANCE:
-            timing.notes.append(
-                f"ttft + (new_tokens-1)*tpot differs from e2e by {worst:.1%} "
-                f"(> {CONSISTENCY_TOLERANCE:.0%}): time is spent outside token generation"
-            )
+        _check_consistency(timing, new_tokens)
     return timing

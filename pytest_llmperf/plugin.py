@@ -32,7 +32,7 @@ LLMPERF_FIXTURES = frozenset({"llmperf", "llmperf_backend", *BACKEND_FIXTURES})
 CONFIG = pytest.StashKey["_Config"]()
 STATE = pytest.StashKey["RunState"]()
 KEY = pytest.StashKey[str]()
-MARKER = pytest.StashKey[dict]()
+MARKER = pytest.StashKey[S.MarkerOptions]()
 HANDLE = pytest.StashKey["LLMPerf"]()
 VERDICTS = pytest.StashKey[list]()
 SKIP = pytest.StashKey[dict]()
@@ -436,7 +436,7 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
 
     item = request.node
     state = _state(request.config)
-    marker = item.stash.get(MARKER, {})
+    marker = item.stash.get(MARKER, S.MarkerOptions())
     settings = state.settings
     tier = item.get_closest_marker("llmperf_model_tier")
     if tier is not None and settings.models == "auto":
@@ -456,14 +456,14 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         key=item.stash.get(KEY, baseline_key(item)),
         suite=Path(str(item.path)).stem,
         nodeid=item.nodeid,
-        rounds=marker.get("rounds", settings.rounds),
-        warmup=marker.get("warmup", settings.warmup),
+        rounds=settings.rounds if marker.rounds is None else marker.rounds,
+        warmup=settings.warmup if marker.warmup is None else marker.warmup,
         device_key=state.device_key(llmperf_backend),
         provenance=state.provenance(llmperf_backend),
         params=params,
         # Every worker uses the backend's default device: they compete for it.
         shared_workers=state.workers if state.workers > 1 else 0,
-        launcher=marker.get("launcher", settings.launcher),
+        launcher=marker.launcher or settings.launcher,
     )
     handle = LLMPerf(llmperf_backend, context, state.launchers)
     item.stash[HANDLE] = handle
@@ -511,7 +511,10 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         )
     state = _state(item.config)
     outcome = state.judge(
-        handle.records, item.stash.get(MARKER, {}), handle.overrides, handle.remeasure
+        handle.records,
+        item.stash.get(MARKER, S.MarkerOptions()),
+        handle.overrides,
+        handle.remeasure,
     )
     item.stash[VERDICTS] = outcome.verdicts
     for record, verdict in zip(handle.records, outcome.verdicts):

@@ -6,7 +6,6 @@ are compared against the old baseline and the failure message names what changed
 
 from __future__ import annotations
 
-import datetime as _dt
 import platform
 import secrets
 import socket
@@ -16,6 +15,7 @@ from typing import Any, Optional
 
 from . import __version__
 from .backends.base import Backend, installed_versions
+from .units import utc_now
 
 #: Distributions whose version can move a benchmark; read from metadata, never imported.
 DISTRIBUTIONS = (
@@ -50,12 +50,6 @@ def git_commit(root: Path) -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def utc_now() -> str:
-    return (
-        _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    )
 
 
 def collect(backend: Backend, root: Path) -> dict[str, Any]:

@@ -162,6 +162,8 @@ class Coverage:
     #: Workloads measured without a baseline entry to compare with.
     missing: int = 0
     unavailable: int = 0
+    #: Tests skipped (unavailable backend, too few devices, a model that cannot load here).
+    skipped: int = 0
     all_unavailable: bool = False
     reasons: list[str] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
@@ -174,7 +176,8 @@ class Coverage:
         if self.all_unavailable:
             return "llmperf: nothing measured: every selected backend was unavailable"
         if self.updating:
-            return f"llmperf: {self.total} workloads measured for the baselines"
+            measured = self.total - self.skipped
+            return f"llmperf: {measured} workloads measured for the baselines"
         judged = f"{self.judged} of {self.total} workloads judged against a baseline"
         if not self.gating:
             return f"llmperf: not gated (--llmperf-no-gate); {judged}"

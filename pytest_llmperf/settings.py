@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .metrics import METRICS
 
@@ -261,14 +261,34 @@ OPTIONS: tuple[Option, ...] = (
 
 @dataclass
 class Settings:
-    values: dict[str, Any] = field(default_factory=dict)
+    """The resolved options, typed; ``sources`` says where each came from (for messages, and
+    to tell a user's tolerance from the backend's default)."""
+
+    backend: list[str] = field(default_factory=lambda: ["auto"])
+    baselines: Optional[str] = None
+    update_baselines: bool = False
+    reset_baselines: bool = False
+    label: Optional[str] = None
+    tolerance: dict[str, float] = field(default_factory=lambda: {"*": 0.03})
+    alpha: float = 0.01
+    baseline_runs: int = 5
+    no_gate: bool = False
+    strict: bool = False
+    check_outputs: bool = False
+    report: Optional[str] = None
+    models: str = "auto"
+    rounds: int = 10
+    confirm: int = 2
+    warmup: int = 2
+    launcher: str = "auto"
+    timeout: float = 3600.0
+    cache_dir: Optional[str] = None
     sources: dict[str, str] = field(default_factory=dict)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every option's value by name (what results.json records of the run's settings)."""
+        return {opt.name: getattr(self, opt.name) for opt in OPTIONS}
 
 
 def resolve(
@@ -296,11 +316,11 @@ def resolve(
             raw = ini(opt.ini)
             source = f"ini {opt.ini}={raw}{where}"
         else:
-            settings.values[opt.name] = opt.default
+            setattr(settings, opt.name, opt.default)
             settings.sources[opt.name] = "default"
             continue
         try:
-            settings.values[opt.name] = opt.parse(raw)
+            setattr(settings, opt.name, opt.parse(raw))
         except SettingError as exc:
             raise SettingError(f"{source}: {exc}") from None
         settings.sources[opt.name] = source
@@ -341,7 +361,20 @@ def _limit(value: Any) -> float:
     return number
 
 
-def parse_marker(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MarkerOptions:
+    """``@pytest.mark.llmperf(...)`` of one test: what it overrides (None: not set there)."""
+
+    tolerance: dict[str, float] = field(default_factory=dict)
+    alpha: Optional[float] = None
+    rounds: Optional[int] = None
+    warmup: Optional[int] = None
+    gate: Optional[tuple[str, ...]] = None
+    launcher: Optional[str] = None
+    limits: dict[str, float] = field(default_factory=dict)
+
+
+def parse_marker(kwargs: Mapping[str, Any], where: str) -> MarkerOptions:
     """Validate ``@pytest.mark.llmperf(...)`` keywords; unknown keywords are usage errors."""
     out: dict[str, Any] = {}
     limits: dict[str, float] = {}
@@ -374,9 +407,7 @@ def parse_marker(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
                 )
         except SettingError as exc:
             raise SettingError(f"{source}: {exc}") from None
-    if limits:
-        out["limits"] = limits
-    return out
+    return MarkerOptions(limits=limits, **out)
 
 
 # -- [tool.llmperf] and device aliases ----------------------------------------------------------

@@ -177,15 +177,7 @@ class RecordContext:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "suite": self.suite,
-            "device_key": self.device_key,
-            "nodeid": self.nodeid,
-            "provenance": dict(self.provenance),
-            "params": dict(self.params),
-            "shared_workers": self.shared_workers,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RecordContext:

@@ -19,7 +19,7 @@ from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
 from .launchers import Launchers, LaunchSettings, default_cache_dir
 from .results import Record
-from .settings import DeviceAliases, Settings
+from .settings import DeviceAliases, MarkerOptions, Settings
 
 #: ``LLMPERF_RECORD_RUN=n/N`` is set by ``llmperf baselines record`` for its runs: runs 2…N
 #: append to the history run 1 started, whatever their verdict.
@@ -188,7 +188,7 @@ class RunState:
     # -- the gate ------------------------------------------------------------------------
     def gate_settings(
         self,
-        marker: dict[str, Any],
+        marker: MarkerOptions,
         override: Optional[dict[str, Any]],
         measured: Optional[set[str]] = None,
         backend: Optional[str] = None,
@@ -196,31 +196,29 @@ class RunState:
         tolerance = dict(self.settings.tolerance)
         if self.settings.sources.get("tolerance") == "default" and backend is not None:
             tolerance["*"] = backends.get_backend(backend).default_tolerance
-        tolerance.update(marker.get("tolerance", {}))
+        tolerance.update(marker.tolerance)
         if override:
             tolerance.update(override.get("tolerance", {}))
         default = tolerance.pop("*", 0.03)
         kwargs: dict[str, Any] = {
             "tolerance": default,
             "tolerances": tolerance,
-            "alpha": marker.get("alpha", self.settings.alpha),
+            "alpha": self.settings.alpha if marker.alpha is None else marker.alpha,
             # A test may mix workloads (generate and measure): a limit applies to those that
             # measure its metric; judge() reports a limit that no workload could meet.
             "limits": {
-                k: v
-                for k, v in marker.get("limits", {}).items()
-                if measured is None or k[4:] in measured
+                k: v for k, v in marker.limits.items() if measured is None or k[4:] in measured
             },
             "check_outputs": bool(self.settings.check_outputs),
         }
-        if "gate" in marker:
-            kwargs["gate"] = tuple(marker["gate"])
+        if marker.gate is not None:
+            kwargs["gate"] = marker.gate
         return verdict.GateSettings(**kwargs)
 
     def judge(
         self,
         records: list[Record],
-        marker: dict[str, Any],
+        marker: MarkerOptions,
         overrides: dict[str, dict[str, Any]],
         remeasure: Optional[dict[str, Callable[[], Record]]] = None,
     ) -> JudgeOutcome:
@@ -234,7 +232,7 @@ class RunState:
         measured_anywhere = {
             n for r in records for n, m in r.metrics.items() if m.value is not None
         }
-        for limit in marker.get("limits", {}):
+        for limit in marker.limits:
             if limit[4:] not in measured_anywhere and any(r.outcome == "ok" for r in records):
                 problems.append(
                     f"marker llmperf({limit}=...): no workload of this test measures "
@@ -416,6 +414,7 @@ class RunState:
             grouped[(skip["kind"], skip["reason"])] += 1
         for (kind, reason), count in sorted(grouped.items()):
             cov.total += count
+            cov.skipped += count
             tests = f"{count} test{'s' if count != 1 else ''}"
             if kind == "backend":
                 cov.unavailable += count

@@ -1,8 +1,10 @@
-"""How numbers are written for people: one formatter, so the table, the failure message, the
-Markdown summary and ``llmperf baselines show`` print a value the same way."""
+"""How numbers and dates are written: one formatter, so the table, the failure message, the
+Markdown summary and ``llmperf baselines show`` print a value the same way, and one clock for
+the dates in baselines and provenance."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Optional
 
 from .metrics import METRICS
@@ -48,3 +50,8 @@ def format_metric(value: Optional[float], name: str) -> str:
     if unit == "tokens/s":
         return f"{value:.1f}"
     return format_value(value, unit)
+
+
+def utc_now() -> str:
+    """Now, as every date the plugin writes: ``2026-11-22T03:00:00Z``."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -247,15 +247,15 @@ class MetricVerdict:
     metric: str
     verdict: Verdict
     gated: bool
-    baseline: float | None  # center: median of the baseline runs' medians
-    current: float | None
-    ratio: float | None  # current / baseline; None when either is missing or baseline is 0
-    threshold: float | None  # the value beyond which it counts as regressed
-    p_value: float | None  # one-sided, in the direction of the observed change
-    tolerance: float  # the configured tolerance for this metric
-    runs: int  # baseline runs that have this metric (ok outcome, a median)
-    spread: float | None  # between-run CV of the baseline runs' medians (>= 2 runs)
     detail: str  # one human line, with units
+    runs: int = 0  # baseline runs that have this metric (ok outcome, a median)
+    tolerance: float = 0.0  # the configured tolerance for this metric
+    baseline: float | None = None  # center: median of the baseline runs' medians
+    current: float | None = None
+    ratio: float | None = None  # current / baseline; None when either is missing or 0
+    threshold: float | None = None  # the value beyond which it counts as regressed
+    p_value: float | None = None  # one-sided, in the direction of the observed change
+    spread: float | None = None  # between-run CV of the baseline runs' medians (>= 2 runs)
     allowed: float | None = None  # the effective allowed fraction (tolerance or k x spread)
     limit: str | None = None  # "max_ms_per_token=50" when an absolute limit was violated
 
@@ -394,7 +394,8 @@ def _mwu_p(current: Sequence[float], base: Sequence[float], greater: bool) -> fl
 # --------------------------------------------------------------------------- comparison
 
 
-def _base_values(name: str, runs: Sequence[Mapping[str, Any]]) -> list[tuple[float, list[float]]]:
+def base_values(name: str, runs: Sequence[Mapping[str, Any]]) -> list[tuple[float, list[float]]]:
+    """(median, samples) of ``name`` in each ok run that has a median for it, oldest first."""
     out = []
     for run in runs:
         if run.get("outcome") != "ok":
@@ -440,157 +441,152 @@ def compare_metric(
     ``baseline_runs`` may hold runs of any outcome; only ``ok`` runs with a median count.
     Absolute limits in ``settings`` for this metric are applied too.
     """
-    info = metric(name)
-    unit = info.unit
-    lower = info.lower_is_better
-    tol = settings.tolerance_for(name)
-    gated = name in settings.gate
-    slack = settings.abs_slack.get(name, 0.0)
     cur = current.value
     if cur is not None:
         cur = float(cur)
         if math.isnan(cur):
             raise ValueError(f"{name}: the current value is NaN")
-    base = _base_values(name, baseline_runs)
-    n = len(base)
-
-    def verdict(v: Verdict, detail: str, **kw: Any) -> MetricVerdict:
-        fields: dict[str, Any] = dict(
-            baseline=None, ratio=None, threshold=None, p_value=None, spread=None
-        )
-        fields.update(kw)
-        return MetricVerdict(
-            metric=name,
-            verdict=v,
-            gated=gated,
-            current=cur,
-            tolerance=tol,
-            runs=n,
-            detail=detail,
-            **fields,
-        )
-
+    c = _Comparison(name, settings, base_values(name, baseline_runs), current, cur)
     if cur is None:
-        mv = verdict(Verdict.PASS, f"{name}: no value in this run (not judged)")
-        _apply_limits(mv, cur, settings)
-        return mv
-    if n == 0:
+        mv = c.verdict(Verdict.PASS, f"{name}: no value in this run (not judged)")
+    elif not c.base:
         have = sum(1 for r in baseline_runs if r.get("outcome") == "ok")
-        mv = verdict(
+        mv = c.verdict(
             Verdict.NO_BASELINE,
-            f"{name} {format_value(cur, unit)}: no baseline for this metric "
+            f"{name} {format_value(cur, c.unit)}: no baseline for this metric "
             f"({have} ok baseline run{'s' if have != 1 else ''}, none with {name})",
         )
-        _apply_limits(mv, cur, settings)
-        return mv
-
-    medians = [m for m, _ in base]
-    center = statistics.median(medians)
-    ratio = cur / center if center != 0 else None
-    spread = between_run_spread(medians) if n >= 2 else None
-    allowed = tol
-    if spread is not None:
-        allowed = max(tol, settings.spread_multiple * spread)
-    margin = max(allowed * abs(center), slack)
-    # Signed change in the "worse" direction: > 0 means worse.
-    worse_by = (cur - center) if lower else (center - cur)
-    threshold = center + margin if lower else center - margin
-    beyond = abs(cur - center) > margin
-
-    # p-value, one-sided in the direction of the observed change.
-    worse_dir = worse_by > 0
-    greater = worse_dir if lower else not worse_dir  # does the current lie above the center?
-    p: float | None = None
-    notes: list[str] = []
-    significant = True
-    if n >= 2:
-        p = _prediction_p(cur, medians, worse_is_greater=greater)
-        p_text = f", p={_p(p)}" if p is not None else ""
     else:
-        cur_samples = list(current.samples)
-        base_samples = base[0][1]
-        nc, nb = len(cur_samples), len(base_samples)
-        if nc < 2 or nb < 2:
-            p_text = ""
-            if beyond:
-                notes.append("no samples to test, the tolerance decides")
-        elif 1 / math.comb(nc + nb, nc) >= settings.alpha:
-            p_text = ""
-            if beyond:
-                notes.append(
-                    f"too few samples ({nc} vs {nb}) for Mann-Whitney to reach "
-                    f"alpha={settings.alpha:g}, the tolerance decides"
-                )
-        else:
-            p = _mwu_p(cur_samples, base_samples, greater=greater)
-            p_text = f", Mann-Whitney p={_p(p)}"
-            significant = p < settings.alpha
-            if beyond and not significant:
-                notes.append(f"not significant at alpha={settings.alpha:g}")
-
-    if beyond and significant:
-        v = Verdict.REGRESSED if worse_dir else Verdict.IMPROVED
-    else:
-        v = Verdict.PASS
-    if slack and abs(cur - center) <= slack and allowed * abs(center) < abs(cur - center):
-        notes.append(f"within the {format_value(slack, unit)} absolute slack")
-
-    # The human line.
-    if ratio is not None:
-        change = f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
-    else:
-        delta = cur - center
-        change = f"{'+' if delta >= 0 else '-'}{format_value(abs(delta), unit)} from zero"
-    if n >= 2:
-        cv = "n/a" if spread is None else _pct(spread)
-        if spread is not None and settings.spread_multiple * spread > tol:
-            why = (
-                f"{settings.spread_multiple:g} × between-run CV {cv} over {n} runs; "
-                f"tolerance {_pct(tol)}"
-            )
-        else:
-            why = f"tolerance; between-run CV {cv} over {n} runs"
-    else:
-        why = "tolerance; 1 baseline run"
-    if slack:
-        why += f"; changes up to {format_value(slack, unit)} ignored"
-    sign = "+" if lower else "-"
-    detail = (
-        f"{name} {format_value(center, unit)} → {format_value(cur, unit)} ({change}), "
-        f"allowed {sign}{_pct(allowed)} ({why}){p_text}"
-    )
-    if notes:
-        detail += "; " + "; ".join(notes)
-
-    mv = verdict(
-        v,
-        detail,
-        baseline=center,
-        ratio=ratio,
-        threshold=threshold,
-        p_value=p,
-        spread=spread,
-        allowed=allowed,
-    )
+        mv = c.compare(cur)
     _apply_limits(mv, cur, settings)
     return mv
 
 
+@dataclass
+class _Comparison:
+    """One metric of one record against the stored runs' medians (and samples)."""
+
+    name: str
+    settings: GateSettings
+    base: list[tuple[float, list[float]]]
+    current: MetricValue
+    cur: float | None
+
+    @property
+    def unit(self) -> str:
+        return metric(self.name).unit
+
+    @property
+    def tol(self) -> float:
+        return self.settings.tolerance_for(self.name)
+
+    @property
+    def slack(self) -> float:
+        return self.settings.abs_slack.get(self.name, 0.0)
+
+    def verdict(self, v: Verdict, detail: str, **kw: Any) -> MetricVerdict:
+        gated = self.name in self.settings.gate
+        return MetricVerdict(
+            self.name,
+            v,
+            gated,
+            detail,
+            runs=len(self.base),
+            tolerance=self.tol,
+            current=self.cur,
+            **kw,
+        )
+
+    def compare(self, cur: float) -> MetricVerdict:
+        lower = metric(self.name).lower_is_better
+        medians = [m for m, _ in self.base]
+        center = statistics.median(medians)
+        spread = between_run_spread(medians) if len(medians) >= 2 else None
+        allowed = (
+            self.tol if spread is None else max(self.tol, self.settings.spread_multiple * spread)
+        )
+        margin = max(allowed * abs(center), self.slack)
+        # Signed change in the "worse" direction: > 0 means worse.
+        worse = ((cur - center) if lower else (center - cur)) > 0
+        beyond = abs(cur - center) > margin
+        # p-value, one-sided in the direction of the observed change (does the current lie
+        # above the center?).
+        p, p_text, significant, notes = self.significance(cur, medians, worse == lower, beyond)
+        if beyond and significant:
+            v = Verdict.REGRESSED if worse else Verdict.IMPROVED
+        else:
+            v = Verdict.PASS
+        if self.slack and allowed * abs(center) < abs(cur - center) <= self.slack:
+            notes.append(f"within the {format_value(self.slack, self.unit)} absolute slack")
+        detail = self.detail(cur, center, spread, allowed, lower) + p_text
+        if notes:
+            detail += "; " + "; ".join(notes)
+        return self.verdict(
+            v,
+            detail,
+            baseline=center,
+            ratio=cur / center if center != 0 else None,
+            threshold=center + margin if lower else center - margin,
+            p_value=p,
+            spread=spread,
+            allowed=allowed,
+        )
+
+    def significance(
+        self, cur: float, medians: list[float], greater: bool, beyond: bool
+    ) -> tuple[float | None, str, bool, list[str]]:
+        """(p, its text, whether it lets a change count, notes): a prediction test with two
+        or more runs (informative), Mann-Whitney on one run's samples (deciding)."""
+        if len(medians) >= 2:
+            p = _prediction_p(cur, medians, worse_is_greater=greater)
+            return p, (f", p={_p(p)}" if p is not None else ""), True, []
+        cur_samples, base_samples = list(self.current.samples), self.base[0][1]
+        nc, nb = len(cur_samples), len(base_samples)
+        alpha = self.settings.alpha
+        if nc < 2 or nb < 2:
+            return None, "", True, ["no samples to test, the tolerance decides"] if beyond else []
+        if 1 / math.comb(nc + nb, nc) >= alpha:
+            note = (
+                f"too few samples ({nc} vs {nb}) for Mann-Whitney to reach "
+                f"alpha={alpha:g}, the tolerance decides"
+            )
+            return None, "", True, [note] if beyond else []
+        p = _mwu_p(cur_samples, base_samples, greater=greater)
+        significant = p < alpha
+        notes = [f"not significant at alpha={alpha:g}"] if beyond and not significant else []
+        return p, f", Mann-Whitney p={_p(p)}", significant, notes
+
+    def detail(
+        self, cur: float, center: float, spread: float | None, allowed: float, lower: bool
+    ) -> str:
+        """The human line: old → new, the change, what was allowed and why."""
+        unit, tol, n = self.unit, self.tol, len(self.base)
+        if center != 0:
+            ratio = cur / center
+            change = f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
+        else:
+            delta = cur - center
+            change = f"{'+' if delta >= 0 else '-'}{format_value(abs(delta), unit)} from zero"
+        if n < 2:
+            why = "tolerance; 1 baseline run"
+        elif spread is not None and self.settings.spread_multiple * spread > tol:
+            why = (
+                f"{self.settings.spread_multiple:g} × between-run CV {_pct(spread)} over {n} "
+                f"runs; tolerance {_pct(tol)}"
+            )
+        else:
+            cv = "n/a" if spread is None else _pct(spread)
+            why = f"tolerance; between-run CV {cv} over {n} runs"
+        if self.slack:
+            why += f"; changes up to {format_value(self.slack, unit)} ignored"
+        return (
+            f"{self.name} {format_value(center, unit)} → {format_value(cur, unit)} ({change}), "
+            f"allowed {'+' if lower else '-'}{_pct(allowed)} ({why})"
+        )
+
+
 def _outcome_verdict(v: Verdict, detail: str, runs: int) -> MetricVerdict:
-    return MetricVerdict(
-        metric="outcome",
-        verdict=v,
-        gated=True,
-        baseline=None,
-        current=None,
-        ratio=None,
-        threshold=None,
-        p_value=None,
-        tolerance=0.0,
-        runs=runs,
-        spread=None,
-        detail=detail,
-    )
+    return MetricVerdict("outcome", v, True, detail, runs=runs)
 
 
 def _output_verdict(
@@ -606,20 +602,7 @@ def _output_verdict(
         return None
 
     def mv(v: Verdict, detail: str) -> MetricVerdict:
-        return MetricVerdict(
-            metric="output_digest",
-            verdict=v,
-            gated=settings.check_outputs,
-            baseline=None,
-            current=None,
-            ratio=None,
-            threshold=None,
-            p_value=None,
-            tolerance=0.0,
-            runs=len(runs),
-            spread=None,
-            detail=detail,
-        )
+        return MetricVerdict("output_digest", v, settings.check_outputs, detail, runs=len(runs))
 
     if ref["output_digest"] == record.output_digest:
         return mv(Verdict.PASS, "output identical to the baseline (same digest)")
@@ -639,6 +622,28 @@ def _output_verdict(
             c = head_now[pos] if pos < len(head_now) else "end"
             where = f"first diverging token at position {pos} (baseline {b}, now {c})"
     return mv(Verdict.OUTPUT_CHANGED, f"output changed: {where}{suffix}")
+
+
+def _outcome_of(outcome: str, runs: list[Mapping[str, Any]]) -> MetricVerdict:
+    """The outcome verdict: no baseline, new or fixed OOM, or as in the baseline."""
+    n = len(runs)
+    if not runs:
+        detail = f"no baseline for this entry on this hardware (outcome now {outcome})"
+        return _outcome_verdict(Verdict.NO_BASELINE, detail, 0)
+    newest = runs[-1]
+    base_outcome = newest["outcome"]
+    desc = f"newest of {n} baseline run{'s' if n != 1 else ''}, {newest.get('date', '?')}"
+    if base_outcome == "ok" and outcome == "oom":
+        return _outcome_verdict(
+            Verdict.NEW_OOM, f"out of memory now; the baseline was ok ({desc})", n
+        )
+    if base_outcome == "oom" and outcome == "ok":
+        return _outcome_verdict(
+            Verdict.FIXED_OOM, f"runs now; the baseline was out of memory ({desc})", n
+        )
+    if outcome == "oom":
+        return _outcome_verdict(Verdict.PASS, f"out of memory, as in the baseline ({desc})", n)
+    return _outcome_verdict(Verdict.PASS, f"ok, as in the baseline ({desc})", n)
 
 
 def judge(
@@ -663,37 +668,12 @@ def judge(
                 f"{record.key}: baseline run {run.get('date', '?')} has outcome "
                 f"{run.get('outcome')!r}; only ok and oom are stored"
             )
-    n = len(runs)
-    out: list[MetricVerdict] = []
-    compare = outcome == "ok"
-
-    if not runs:
-        out.append(
-            _outcome_verdict(
-                Verdict.NO_BASELINE,
-                f"no baseline for this entry on this hardware (outcome now {outcome})",
-                0,
-            )
-        )
-        compare = False
-    else:
-        newest = runs[-1]
-        base_outcome = newest["outcome"]
-        when = newest.get("date", "?")
-        desc = f"newest of {n} baseline run{'s' if n != 1 else ''}, {when}"
-        if base_outcome == "ok" and outcome == "oom":
-            v, detail = Verdict.NEW_OOM, f"out of memory now; the baseline was ok ({desc})"
-        elif base_outcome == "oom" and outcome == "ok":
-            v, detail = Verdict.FIXED_OOM, f"runs now; the baseline was out of memory ({desc})"
-        elif outcome == "oom":
-            v, detail = Verdict.PASS, f"out of memory, as in the baseline ({desc})"
-        else:
-            v, detail = Verdict.PASS, f"ok, as in the baseline ({desc})"
-        out.append(_outcome_verdict(v, detail, n))
-        if outcome == "ok":
-            ov = _output_verdict(record, runs, settings)
-            if ov is not None:
-                out.append(ov)
+    out = [_outcome_of(outcome, runs)]
+    compare = outcome == "ok" and bool(runs)
+    if compare:
+        ov = _output_verdict(record, runs, settings)
+        if ov is not None:
+            out.append(ov)
 
     if outcome == "ok":
         for name, value in record.metrics.items():

@@ -168,16 +168,10 @@ class FakeEngine(Engine):
             devices=spec.devices,
         )
 
-    def generate(
-        self,
-        loaded: LoadedModel,
-        input_ids: Any,
-        attention_mask: Any,
-        new_tokens: int,
-        on_token: Optional[Any],
-    ) -> Any:
+    def generate(self, loaded: LoadedModel, prompt: Any, new_tokens: int, on_token: Any) -> Any:
         import torch
 
+        input_ids = prompt.input_ids
         state = loaded.model
         backend: FakeBackend = state.backend
         if state.calls == 0:

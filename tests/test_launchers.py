@@ -127,7 +127,7 @@ def test_an_engine_id_that_is_not_implemented_is_a_usage_error_not_a_skip(projec
         ("process", 1, "no", "process"),
         ("torchrun", 1, "no", "torchrun"),
         ("inline", 2, "no", "launcher='inline' runs one device; devices=2 needs"),
-        ("process", 4, "no", "launcher='process' runs one device"),
+        ("process", 4, "no", "torchrun"),
         ("inline", 1, "workload", "the inline launcher cannot give one"),
         ("deepspeed", 1, "no", "arrives with the DeepSpeed engines"),
         ("rocket", 1, "no", "expected one of auto, inline, process, torchrun, deepspeed"),

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pytest_llmperf.settings import resolve
+from pytest_llmperf.settings import MarkerOptions, resolve
 from pytest_llmperf.state import RunState
 
 
@@ -13,14 +13,17 @@ def state(cli: dict) -> RunState:
 
 def test_cpu_gets_its_measured_default_tolerance_and_accelerators_keep_3_percent():
     run = state({})
-    assert run.gate_settings({}, None, backend="cpu").tolerance == 0.08
-    assert run.gate_settings({}, None, backend="cuda").tolerance == 0.03
+    assert run.gate_settings(MarkerOptions(), None, backend="cpu").tolerance == 0.08
+    assert run.gate_settings(MarkerOptions(), None, backend="cuda").tolerance == 0.03
     assert "cpu 8.0%" in run.describe()
 
 
 def test_a_tolerance_the_user_sets_wins_over_the_backend_default():
-    assert state({"tolerance": "0.05"}).gate_settings({}, None, backend="cpu").tolerance == 0.05
-    marker = {"tolerance": {"*": 0.2}}
+    assert (
+        state({"tolerance": "0.05"}).gate_settings(MarkerOptions(), None, backend="cpu").tolerance
+        == 0.05
+    )
+    marker = MarkerOptions(tolerance={"*": 0.2})
     assert state({}).gate_settings(marker, None, backend="cpu").tolerance == 0.2
     call = {"tolerance": {"*": 0.3}}
     assert state({}).gate_settings(marker, call, backend="cpu").tolerance == 0.3

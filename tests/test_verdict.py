@@ -539,7 +539,7 @@ def test_entry_order_and_worst():
     e = judge(record({"e2e_latency_s": 0.5, "time_s": 1.0}, digest="a", head=[1]), hist, DEFAULT)
     assert [m.metric for m in e.metrics] == ["outcome", "output_digest", "e2e_latency_s", "time_s"]
     assert e.worst is Verdict.IMPROVED and not e.failed
-    mk = lambda v, gated: MetricVerdict("x", v, gated, None, None, None, None, None, 0, 0, None, "")  # noqa: E731
+    mk = lambda v, gated: MetricVerdict("x", v, gated, "")  # noqa: E731
     assert EntryVerdict("k", [mk(Verdict.PASS, True)]).worst is Verdict.PASS
     assert EntryVerdict("k", []).worst is Verdict.PASS
     mixed = EntryVerdict(

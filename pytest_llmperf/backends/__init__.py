@@ -11,8 +11,7 @@ and ``--llmperf-backend=mychip`` selects it. Tests (and conftest files) may also
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
+from ..entrypoints import load_once
 from .base import Backend, Probe, normalize_device_name
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -42,7 +41,6 @@ _classes: dict[str, type[Backend]] = {
     for cls in (CpuBackend, CudaBackend, HpuBackend, NeuronBackend, XpuBackend, MpsBackend)
 }
 _instances: dict[str, Backend] = {}
-_entry_points_loaded = False
 
 
 def register(cls: type[Backend], *, replace: bool = False) -> type[Backend]:
@@ -56,17 +54,7 @@ def register(cls: type[Backend], *, replace: bool = False) -> type[Backend]:
 
 
 def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:
-            raise RuntimeError(
-                f"backend entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
-            ) from exc
+    for _name, cls in load_once(ENTRY_POINT_GROUP, "backend"):
         register(cls, replace=True)
 
 

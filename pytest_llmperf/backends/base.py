@@ -146,6 +146,36 @@ class Backend:
         return None
 
 
+class TorchDeviceBackend(Backend):
+    """Hardware that torch exposes as a ``torch.<namespace>`` module with the CUDA-style calls
+    (``synchronize``, ``reset_peak_memory_stats``, ``max_memory_allocated``,
+    ``get_device_name``, ``set_device``): CUDA/ROCm, Gaudi (habana_frameworks registers
+    ``torch.hpu``) and Intel GPUs (``torch.xpu``). Subclasses add the probe and what differs."""
+
+    #: The attribute of ``torch`` that holds the device calls.
+    namespace: ClassVar[str] = ""
+
+    def _ns(self) -> Any:
+        import torch
+
+        return getattr(torch, self.namespace)
+
+    def device_name(self) -> str:
+        return str(self._ns().get_device_name(0))
+
+    def bind_device(self, local_rank: int) -> None:
+        self._ns().set_device(local_rank)
+
+    def synchronize(self) -> None:
+        self._ns().synchronize()
+
+    def reset_peak_memory(self) -> None:
+        self._ns().reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int | None:
+        return int(self._ns().max_memory_allocated())
+
+
 def installed_versions(*dists: str) -> dict[str, str]:
     """Versions of installed distributions, read from metadata without importing them."""
     from importlib.metadata import PackageNotFoundError, version

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import Backend, Probe, device_nodes
+from .base import Probe, TorchDeviceBackend, device_nodes
 
 
-class CudaBackend(Backend):
+class CudaBackend(TorchDeviceBackend):
     name: ClassVar[str] = "cuda"
+    namespace: ClassVar[str] = "cuda"
     torch_device: ClassVar[str] = "cuda"
     distributed_backend: ClassVar[str] = "nccl"
     env_vars: ClassVar[tuple[str, ...]] = (
@@ -28,11 +29,6 @@ class CudaBackend(Backend):
             return Probe(False, f"torch {torch.__version__} reports CUDA unavailable")
         return Probe(True, "", torch.cuda.device_count())
 
-    def device_name(self) -> str:
-        import torch
-
-        return torch.cuda.get_device_name(0)
-
     def versions(self) -> dict[str, str]:
         import torch
 
@@ -47,26 +43,6 @@ class CudaBackend(Backend):
         except Exception:
             pass
         return out
-
-    def bind_device(self, local_rank: int) -> None:
-        import torch
-
-        torch.cuda.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def reset_peak_memory(self) -> None:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-    def peak_memory_bytes(self) -> int | None:
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
 
     def available_memory_bytes(self) -> int | None:
         import torch

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import Backend, Probe, device_nodes, installed_versions
+from .base import Probe, TorchDeviceBackend, device_nodes, installed_versions
 
 
-class HpuBackend(Backend):
+class HpuBackend(TorchDeviceBackend):
     name: ClassVar[str] = "hpu"
+    namespace: ClassVar[str] = "hpu"
     distributed_backend: ClassVar[str] = "hccl"
     torch_device: ClassVar[str] = "hpu"
     env_vars: ClassVar[tuple[str, ...]] = (
@@ -29,31 +30,12 @@ class HpuBackend(Backend):
             return Probe(False, "habana_frameworks imported but torch.hpu.is_available() is False")
         return Probe(True, "", torch.hpu.device_count())
 
-    def device_name(self) -> str:
-        import torch
-
-        return torch.hpu.get_device_name(0)
-
     def versions(self) -> dict[str, str]:
         return installed_versions("habana-torch-plugin", "habana_gpu_migration")
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.hpu.synchronize()
-
-    def reset_peak_memory(self) -> None:
-        import torch
-
-        torch.hpu.reset_peak_memory_stats()
-
-    def peak_memory_bytes(self) -> int | None:
-        import torch
-
-        return int(torch.hpu.max_memory_allocated())
 
     def oom_errors(self) -> tuple[type[BaseException], ...]:
         import torch
 
-        # SynapseAI raises RuntimeError("... Device out of memory ..."); matched in measure.py.
+        # SynapseAI raises RuntimeError("... Device out of memory ..."); execute.is_oom matches
+        # the words in the message.
         return (torch.OutOfMemoryError,)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import Backend, Probe, device_nodes
+from .base import Probe, TorchDeviceBackend, device_nodes
 
 
-class XpuBackend(Backend):
+class XpuBackend(TorchDeviceBackend):
     name: ClassVar[str] = "xpu"
+    namespace: ClassVar[str] = "xpu"
     torch_device: ClassVar[str] = "xpu"
 
     def _probe_impl(self) -> Probe:
@@ -19,23 +20,3 @@ class XpuBackend(Backend):
         if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             return Probe(False, f"torch {torch.__version__} reports XPU unavailable")
         return Probe(True, "", torch.xpu.device_count())
-
-    def device_name(self) -> str:
-        import torch
-
-        return torch.xpu.get_device_name(0)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.xpu.synchronize()
-
-    def reset_peak_memory(self) -> None:
-        import torch
-
-        torch.xpu.reset_peak_memory_stats()
-
-    def peak_memory_bytes(self) -> int | None:
-        import torch
-
-        return int(torch.xpu.max_memory_allocated())

@@ -9,8 +9,8 @@ Third-party engines arrive by entry point, like backends::
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import entry_points
 
+from ..entrypoints import load_once
 from ..errors import UsageError
 from .base import Engine, LoadedModel
 
@@ -40,7 +40,6 @@ ENGINE_IDS = (
 
 _MODULES = {"transformers": ("hf_transformers", "TransformersEngine")}
 _instances: dict[str, Engine] = {}
-_entry_points_loaded = False
 
 
 class EngineUnavailable(Exception):
@@ -57,18 +56,8 @@ def register(engine: Engine) -> Engine:
 
 
 def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:
-            raise RuntimeError(
-                f"engine entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
-            ) from exc
-        _instances.setdefault(ep.name, cls())
+    for name, cls in load_once(ENTRY_POINT_GROUP, "engine"):
+        _instances.setdefault(name, cls())
 
 
 def implemented() -> list[str]:

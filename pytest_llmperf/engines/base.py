@@ -22,6 +22,15 @@ TokenHook = Callable[[], None]
 
 
 @dataclass
+class Prompt:
+    """Token ids of one batch, on the device; ``tokens`` per row."""
+
+    input_ids: Any
+    attention_mask: Any
+    tokens: int
+
+
+@dataclass
 class LoadedModel:
     model: Any
     tokenizer: Any
@@ -56,12 +65,8 @@ class Engine:
         raise NotImplementedError
 
     def generate(
-        self,
-        loaded: LoadedModel,
-        input_ids: Any,
-        attention_mask: Any,
-        new_tokens: int,
-        on_token: Optional[TokenHook],
+        self, loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Optional[TokenHook]
     ) -> Any:
-        """Greedy generation of exactly ``new_tokens``; returns prompt + new token ids."""
+        """Greedy generation of exactly ``new_tokens``; returns prompt + new token ids.
+        ``hook`` (when given) is called once per new token, the first right after prefill."""
         raise NotImplementedError

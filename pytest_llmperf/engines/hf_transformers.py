@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from ..backends.base import Backend
-from .base import Engine, LoadedModel, TokenHook
+from .base import Engine, LoadedModel, Prompt, TokenHook
 
 if TYPE_CHECKING:
     from ..models import ModelSpec
@@ -110,18 +110,14 @@ class TransformersEngine(Engine):
         )
 
     def generate(
-        self,
-        loaded: LoadedModel,
-        input_ids: Any,
-        attention_mask: Any,
-        new_tokens: int,
-        on_token: Optional[TokenHook],
+        self, loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Optional[TokenHook]
     ) -> Any:
         import torch
 
-        with torch.inference_mode(), token_stamps(loaded.model, on_token):
+        pad = getattr(loaded.tokenizer, "pad_token_id", None)
+        with torch.inference_mode(), token_stamps(loaded.model, hook):
             return loaded.model.generate(
-                input_ids,
-                attention_mask=attention_mask,
-                **greedy_kwargs(new_tokens, getattr(loaded.tokenizer, "pad_token_id", None)),
+                prompt.input_ids,
+                attention_mask=prompt.attention_mask,
+                **greedy_kwargs(new_tokens, pad),
             )

@@ -4,7 +4,8 @@ call's ``launcher=`` argument).
 - ``inline`` — this process; the default for one device.
 - ``process`` — a child Python process: a crash (a segfault in a native extension, an OOM kill
   on a CPU host) becomes an ``error`` (or ``oom``) record and the session goes on; a workload
-  that asks for cold numbers (``fresh``) gets a new process per workload or per round.
+  that asks for cold numbers (``fresh``) gets a new process per workload or per round. Several
+  devices run as a torchrun group, whose ranks are child processes as well.
 - ``torchrun`` — ``devices > 1``: one rank per device through ``torch.distributed.run``.
 - ``auto`` — ``torchrun`` for several devices, ``process`` when the workload asks for fresh
   processes, else ``inline``.
@@ -87,15 +88,16 @@ def _choose_name(spec: WorkloadSpec, requested: str) -> str:
             "launcher='deepspeed' arrives with the DeepSpeed engines; run several devices with "
             "launcher='torchrun'"
         )
+    if spec.devices > 1:
+        if requested == "inline":
+            raise UsageError(
+                f"launcher='inline' runs one device; devices={spec.devices} needs "
+                "launcher='torchrun' (or 'auto', or 'process')"
+            )
+        # Several devices always run as a rank group: its ranks are child processes too.
+        return "torchrun"
     if requested == "auto":
-        if spec.devices > 1:
-            return "torchrun"
         return "process" if spec.fresh != "no" else "inline"
-    if spec.devices > 1 and requested != "torchrun":
-        raise UsageError(
-            f"launcher={requested!r} runs one device; devices={spec.devices} needs "
-            "launcher='torchrun' (or 'auto')"
-        )
     if spec.fresh != "no" and requested == "inline":
         raise UsageError(
             f"this workload asks for a fresh process per {spec.fresh} (fresh={spec.fresh!r}); "

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
+from ..engines.base import Prompt
 from ..errors import UsageError
 from ..results import MetricValue
 from .base import Call, Scenario
@@ -22,13 +22,6 @@ if TYPE_CHECKING:
     from ..models import ModelSpec
     from ..results import Record
     from ..spec import WorkloadSpec
-
-
-@dataclass
-class Prompt:
-    input_ids: Any
-    attention_mask: Any
-    tokens: int
 
 
 def output_digest(token_rows: Iterable[Iterable[int]], weight_source: str) -> str:
@@ -103,9 +96,7 @@ class GenerateScenario(Scenario):
 
     def call(self, engine: Engine, loaded: LoadedModel, inputs: Prompt, spec: WorkloadSpec) -> Call:
         def one(hook: Optional[Any]) -> Any:
-            return engine.generate(
-                loaded, inputs.input_ids, inputs.attention_mask, spec.new_tokens, hook
-            )
+            return engine.generate(loaded, inputs, spec.new_tokens, hook)
 
         return one
 

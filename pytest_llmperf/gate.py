@@ -201,7 +201,7 @@ def decide(
     inconclusive = failed and record.contended and not policy.strict and not limits_only
     if inconclusive:
         _add_note(record, "inconclusive: regressed while the device was contended")
-    record.inconclusive = inconclusive
+    record.inconclusive = entry.inconclusive = inconclusive
     level = direction in ("regressed", "improved") and confirmed and not record.contended
     record.change = direction if level else None
     missing = policy.gating and policy.strict and entry.worst is verdict.Verdict.NO_BASELINE

@@ -29,6 +29,7 @@ def verdict_json(entry: Optional[EntryVerdict]) -> Optional[dict[str, Any]]:
     return {
         "key": entry.key,
         "failed": entry.failed,
+        "inconclusive": entry.inconclusive,
         "worst": entry.worst.value,
         "metrics": [
             {**asdict(m), "verdict": m.verdict.value, "failed": m.failed} for m in entry.metrics

@@ -131,6 +131,8 @@ class Verdict(str, Enum):
     NEW_OOM = "new-oom"
     FIXED_OOM = "fixed-oom"
     OUTPUT_CHANGED = "output-changed"
+    #: Failed on numbers that were measured on a busy or shared device (set by gate.decide).
+    INCONCLUSIVE = "inconclusive"
 
     def __str__(self) -> str:
         return self.value
@@ -286,6 +288,8 @@ class EntryVerdict:
 
     key: str
     metrics: list[MetricVerdict]
+    #: The gate did not fail it: the failing numbers were measured on a contended device.
+    inconclusive: bool = False
 
     @property
     def failed(self) -> bool:
@@ -302,6 +306,8 @@ class EntryVerdict:
         "regressed" (a gated metric whose limit test did not trip, e.g. within abs_slack is not
         regressed; one that is reported but not gated never shows here): check ``failed`` for
         red/green."""
+        if self.inconclusive:
+            return Verdict.INCONCLUSIVE
         failed = {m.verdict for m in self.failures()}
         for v in _FAILED_RANK:
             if v in failed:

@@ -99,6 +99,7 @@ def test_a_regression_on_a_busy_machine_is_inconclusive_unless_strict(strict):
     policy = GatePolicy(gating=True, confirm=0, strict=strict)
     d = decide(rec(1.5, busy=9.0), history(), GateSettings(), policy, None)
     assert d.failed is strict and d.inconclusive is not strict
+    assert (d.verdict.worst.value == "inconclusive") is not strict
     assert d.record.change is None  # contended numbers never start a history
 
 

@@ -18,9 +18,11 @@ from fakes import FakeBackend, FakeEngine, steady_e2e
 from helpers import FAKE, GENERATE, read_results, record_of
 
 from pytest_llmperf import engines
-from pytest_llmperf.errors import UsageError
+from pytest_llmperf.errors import SkipWorkload, UsageError
 from pytest_llmperf.execute import ModelCache, execute
-from pytest_llmperf.launchers import Launchers, _choose_name
+from pytest_llmperf.launchers import Launchers, LaunchSettings, _choose_name
+from pytest_llmperf.launchers.process import ProcessLauncher
+from pytest_llmperf.launchers.torchrun import TorchrunLauncher
 from pytest_llmperf.spec import RecordContext, WorkloadSpec, freeze_options
 
 SPEC = WorkloadSpec(
@@ -287,4 +289,60 @@ def test_a_rank_that_crashes_fails_the_workload_with_its_exit_code(children, mon
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(
         ["*torchrun exited with code 1 (first failure: rank 1, exit code 7)*"]
+    )
+
+
+# -- faults of the launchers' own machinery -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script, why",
+    [
+        ("echo 'Segmentation fault (core dumped)'", "worker answered something other than JSON"),
+        ("exit 0", "worker exited (code 0) without replying"),
+        (
+            "echo 'broken install' >&2; exit 1",
+            "worker exited with code 1; stderr tail:\nbroken install",
+        ),
+    ],
+)
+def test_a_worker_that_prints_garbage_or_nothing_is_an_error_with_its_stderr(
+    tmp_path, fake, script, why
+):
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\n{script}\n")
+    python.chmod(0o755)
+    launcher = ProcessLauncher(LaunchSettings(python=str(python), timeout=30))
+    spec = WorkloadSpec(kind="generate", model="tiny-bloom", engine="fake-engine")
+    try:
+        record = launcher.run(spec, CONTEXT, fake)
+    finally:
+        launcher.close()
+    assert record.outcome == "error"
+    assert why in record.note
+
+
+def test_torchrun_missing_is_a_skip_with_the_reason(fake, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch.distributed.run" else real(name, *a),
+    )
+    spec = WorkloadSpec(kind="generate", model="tiny-llama", engine="fake-engine", devices=2)
+    with pytest.raises(
+        SkipWorkload, match="torchrun unavailable: torch.distributed.run cannot be imported"
+    ):
+        TorchrunLauncher(LaunchSettings()).run(spec, CONTEXT, fake)
+
+
+@pytest.mark.parametrize("value", ["0.5", "abc", "nan", "-3"])
+def test_a_timeout_below_one_second_or_not_a_number_is_a_usage_error(project, value):
+    project.makepyfile(test_gate=GENERATE)
+    result = project.runpytest(FAKE, f"--llmperf-timeout={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"ERROR: --llmperf-timeout={value}: expected a number of seconds ≥ 1"]
     )

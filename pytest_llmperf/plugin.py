@@ -634,7 +634,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         else:
             terminalreporter.write_line(line)
     cov = state.coverage()
-    if cov.total:
+    if cov.shown:
         color = {"green": cov.complete and not state.errors}
         if not cov.complete:
             color = {"yellow": True, "bold": True}

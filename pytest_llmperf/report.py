@@ -163,21 +163,31 @@ class Coverage:
     #: Workloads measured without a baseline entry to compare with.
     missing: int = 0
     unavailable: int = 0
-    #: Tests skipped (unavailable backend, too few devices, a model that cannot load here).
+    #: Tests this node cannot run (too few devices, a model that cannot load here).
     skipped: int = 0
     all_unavailable: bool = False
+    #: Why workloads that were asked for were not judged (makes the count short).
     reasons: list[str] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
+    #: What else the reader should know (skips by design of this node).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.judged == self.total
+        return self.judged == self.total > 0
+
+    @property
+    def shown(self) -> bool:
+        """Whether the run has anything of llmperf's to account for."""
+        return bool(self.total or self.skipped)
 
     def headline(self) -> str:
         if self.all_unavailable:
             return "llmperf: nothing measured: every selected backend was unavailable"
+        if not self.total:
+            return f"llmperf: nothing measured: {self.skipped} tests skipped on this node"
         if self.updating:
-            measured = self.total - self.skipped
+            measured = self.total - self.unavailable
             return f"llmperf: {measured} workloads measured for the baselines"
         judged = f"{self.judged} of {self.total} workloads judged against a baseline"
         if not self.gating:
@@ -185,7 +195,7 @@ class Coverage:
         return f"llmperf: {judged}"
 
     def lines(self) -> list[str]:
-        return [f"  {r}" for r in self.reasons] + [f"  {h}" for h in self.hints]
+        return [f"  {x}" for x in (*self.reasons, *self.notes, *self.hints)]
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -293,10 +303,10 @@ def summary_markdown(rows: list[dict[str, Any]], coverage: Optional[Coverage] = 
         r = row["record"]
         groups[(r["backend"], r["device_key"], host(row) if several_nodes else "")].append(row)
     out = ["# llmperf summary", ""]
-    if coverage is not None and coverage.total:
+    if coverage is not None and coverage.shown:
         out += [f"**{_md(coverage.headline())}**", ""]
-        out += [f"- {_md(reason)}" for reason in coverage.reasons]
-        out += [""] if coverage.reasons else []
+        out += [f"- {_md(reason)}" for reason in (*coverage.reasons, *coverage.notes)]
+        out += [""] if coverage.reasons or coverage.notes else []
     if not rows:
         out.append("No benchmark ran.")
     for (backend, device, node), group in sorted(groups.items()):

@@ -91,8 +91,13 @@ class LLMPerf:
         warmup: Optional[int] = None,
         tolerance: Optional[float] = None,
         launcher: Optional[str] = None,
+        fresh: str = "no",
     ) -> Record:
-        """Greedy generation of exactly ``new_tokens`` per sequence, timed round by round."""
+        """Greedy generation of exactly ``new_tokens`` per sequence, timed round by round.
+
+        ``fresh="workload"`` runs it in a new process, ``fresh="round"`` each round in a new
+        process (cold numbers: load time, first-call compile), whatever the launcher keeps.
+        """
         rounds, warmup = self._rounds(rounds, warmup)
         spec = WorkloadSpec(
             kind="generate",
@@ -107,6 +112,7 @@ class LLMPerf:
             devices=devices,
             rounds=rounds,
             warmup=warmup,
+            fresh=fresh,
         )
         spec.check()
         return self.run(spec, name=name, tolerance=tolerance, launcher=launcher)

@@ -318,3 +318,25 @@ def test_two_workloads_with_one_name_are_not_called_an_unusable_baseline(project
     result.stdout.fnmatch_lines(
         ["  1 not judged: their test failed before its workloads were judged"]
     )
+
+
+def test_what_this_node_cannot_run_is_said_but_does_not_make_the_count_short(recorded):
+    """An 8-device test on a 2-device node is skipped by design: the count stays complete."""
+    recorded.makepyfile(
+        test_gate=GENERATE
+        + """
+    def test_eight(llmperf):
+        llmperf.generate(model="tiny-bloom", engine="fake-engine", new_tokens=10, devices=8)
+    """
+    )
+    result = recorded.runpytest(FAKE)
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            HEADLINE.format(judged=1, total=1),
+            "  1 test skipped on this node: needs 8 fake devices, this node has 1",
+        ]
+    )
+    only = recorded.runpytest(FAKE, "-k", "eight", "--llmperf-strict")
+    only.stdout.fnmatch_lines(["*= llmperf: nothing measured: 1 tests skipped on this node =*"])
+    assert only.ret == pytest.ExitCode.TESTS_FAILED

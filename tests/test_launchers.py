@@ -346,3 +346,22 @@ def test_a_timeout_below_one_second_or_not_a_number_is_a_usage_error(project, va
     result.stderr.fnmatch_lines(
         [f"ERROR: --llmperf-timeout={value}: expected a number of seconds ≥ 1"]
     )
+
+
+def test_a_child_the_kernels_oom_killer_took_is_an_oom_not_an_error(tmp_path, fake, monkeypatch):
+    """On a CPU host an out-of-memory is a SIGKILL; the cgroup's oom_kill count tells it."""
+    from pytest_llmperf.launchers import process
+
+    counts = iter([3, 4])
+    monkeypatch.setattr(process, "oom_kills", lambda: next(counts))
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nkill -9 $$\n")
+    python.chmod(0o755)
+    launcher = ProcessLauncher(LaunchSettings(python=str(python), timeout=30))
+    spec = WorkloadSpec(kind="generate", model="tiny-bloom", engine="fake-engine")
+    try:
+        record = launcher.run(spec, CONTEXT, fake)
+    finally:
+        launcher.close()
+    assert record.outcome == "oom"
+    assert record.note.startswith("worker killed by the kernel's OOM killer")

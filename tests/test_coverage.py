@@ -305,21 +305,6 @@ def test_a_label_without_baselines_points_at_the_unlabelled_ones(recorded):
     )
 
 
-def test_two_workloads_with_one_name_are_not_called_an_unusable_baseline(project):
-    project.makepyfile(
-        test_two="""
-        def test_two(llmperf):
-            llmperf.measure(lambda: llmperf.backend.advance(0.25))
-            llmperf.measure(lambda: llmperf.backend.advance(0.5))
-        """
-    )
-    result = project.runpytest(FAKE)
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(
-        ["  1 not judged: their test failed before its workloads were judged"]
-    )
-
-
 def test_what_this_node_cannot_run_is_said_but_does_not_make_the_count_short(recorded):
     """An 8-device test on a 2-device node is skipped by design: the count stays complete."""
     recorded.makepyfile(

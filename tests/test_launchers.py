@@ -295,6 +295,19 @@ def test_a_rank_that_crashes_fails_the_workload_with_its_exit_code(children, mon
 # -- faults of the launchers' own machinery -----------------------------------------------------
 
 
+def run_with_python(tmp_path, backend, script: str):
+    """Run a workload through the process launcher with ``script`` standing in for Python."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\n{script}\n")
+    python.chmod(0o755)
+    launcher = ProcessLauncher(LaunchSettings(python=str(python), timeout=30))
+    spec = WorkloadSpec(kind="generate", model="tiny-bloom", engine="fake-engine")
+    try:
+        return launcher.run(spec, CONTEXT, backend)
+    finally:
+        launcher.close()
+
+
 @pytest.mark.parametrize(
     "script, why",
     [
@@ -309,15 +322,7 @@ def test_a_rank_that_crashes_fails_the_workload_with_its_exit_code(children, mon
 def test_a_worker_that_prints_garbage_or_nothing_is_an_error_with_its_stderr(
     tmp_path, fake, script, why
 ):
-    python = tmp_path / "python"
-    python.write_text(f"#!/bin/sh\n{script}\n")
-    python.chmod(0o755)
-    launcher = ProcessLauncher(LaunchSettings(python=str(python), timeout=30))
-    spec = WorkloadSpec(kind="generate", model="tiny-bloom", engine="fake-engine")
-    try:
-        record = launcher.run(spec, CONTEXT, fake)
-    finally:
-        launcher.close()
+    record = run_with_python(tmp_path, fake, script)
     assert record.outcome == "error"
     assert why in record.note
 
@@ -354,14 +359,6 @@ def test_a_child_the_kernels_oom_killer_took_is_an_oom_not_an_error(tmp_path, fa
 
     counts = iter([3, 4])
     monkeypatch.setattr(process, "oom_kills", lambda: next(counts))
-    python = tmp_path / "python"
-    python.write_text("#!/bin/sh\nkill -9 $$\n")
-    python.chmod(0o755)
-    launcher = ProcessLauncher(LaunchSettings(python=str(python), timeout=30))
-    spec = WorkloadSpec(kind="generate", model="tiny-bloom", engine="fake-engine")
-    try:
-        record = launcher.run(spec, CONTEXT, fake)
-    finally:
-        launcher.close()
+    record = run_with_python(tmp_path, fake, "kill -9 $$")
     assert record.outcome == "oom"
     assert record.note.startswith("worker killed by the kernel's OOM killer")

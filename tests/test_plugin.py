@@ -602,7 +602,11 @@ def test_two_unnamed_workloads_in_one_test_fail_asking_for_names(project):
     result = project.runpytest(FAKE)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
-        ["a second workload in this test has the key 'test_two': give each one a name="]
+        [
+            "a second workload in this test has the key 'test_two': give each one a name=",
+            # ... and the first workload's record is not mistaken for an unusable baseline
+            "  1 not judged: their test failed before its workloads were judged",
+        ]
     )
 
 

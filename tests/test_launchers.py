@@ -199,10 +199,11 @@ def test_a_child_measures_the_same_numbers_as_this_process(children):
     assert child["output_digest"] == inline["output_digest"]
 
 
-def test_a_child_that_dies_exits_or_hangs_is_an_error_and_the_session_goes_on(children):
+def test_a_child_that_dies_exits_or_hangs_is_an_error_and_the_session_goes_on(
+    children, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("FAKE_TEST_TAG", str(tmp_path))
     children.makepyfile(test_crash=CRASHES)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
     result = children.runpytest(
         FAKE, "--llmperf-launcher=process", "--llmperf-timeout=3", "--llmperf-report=r"
     )
@@ -219,8 +220,7 @@ def test_a_child_that_dies_exits_or_hangs_is_an_error_and_the_session_goes_on(ch
     assert segv["outcome"] == "error"
     assert "fake: about to dereference a bad pointer" in segv["note"]
     assert record_of(rows, "test_after")["outcome"] == "ok"
-    left = {p.pid for p in me.children(recursive=True)} - before
-    assert not left, f"orphan processes: {left}"
+    assert processes_tagged(str(tmp_path)) == []
 
 
 def test_a_workload_can_ask_for_a_fresh_process_per_round(children, fake):
@@ -266,6 +266,7 @@ def test_two_ranks_generate_like_one_process_and_return_one_record(project, tmp_
         "-p",
         "no:cacheprovider",
     )
+    assert result.ret == 0, result.stdout.str()[-4000:]
     result.assert_outcomes(passed=2)
     rows = read_results(project.path / "r")
     one, two = record_of(rows, "test_tp"), record_of(rows, "test_tp[devices=2]")
@@ -362,3 +363,33 @@ def test_a_child_the_kernels_oom_killer_took_is_an_oom_not_an_error(tmp_path, fa
     record = run_with_python(tmp_path, fake, "kill -9 $$")
     assert record.outcome == "oom"
     assert record.note.startswith("worker killed by the kernel's OOM killer")
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """Processes whose environment carries ``tag`` (ours, however they were re-parented)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FAKE_TEST_TAG") == tag:
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_rank_group_that_hangs_is_killed_whole_at_the_timeout(children, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_DEVICES", "2")
+    monkeypatch.setenv("FAKE_TEST_TAG", str(tmp_path))
+    children.makepyfile(
+        test_tp="""
+        def test_tp(llmperf):
+            llmperf.generate(model="tiny-llama", engine="fake-hang", new_tokens=10, devices=2)
+        """
+    )
+    result = children.runpytest(FAKE, f"--llmperf-cache-dir={tmp_path}", "--llmperf-timeout=25")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*timed out after 25 s (--llmperf-timeout); the rank group was killed*"]
+    )
+    # The ranks run in sessions of their own: look for them wherever they were re-parented.
+    assert processes_tagged(str(tmp_path)) == []

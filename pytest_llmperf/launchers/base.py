@@ -37,10 +37,25 @@ def error_record(spec: WorkloadSpec, context: RecordContext, backend: Backend, w
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:
-    """Kill a child started with ``start_new_session=True`` and everything it started."""
+    """Kill a child started with ``start_new_session=True`` and everything it started.
+
+    Its descendants are listed before anything is killed: torchrun starts every rank in a
+    session of its own, so killing torchrun's group alone would leave the ranks running,
+    re-parented to init, holding their devices for ever.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     proc.wait()
+    psutil.wait_procs(descendants, timeout=10)
 
 
 def exit_reason(code: int) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from . import __version__, baselines, report
 from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
-from .state import RECORD_RUN_ENV
+from .settings import KEYS_OUT_ENV, RECORD_RUN_ENV
 from .units import format_value
 from .verdict import GateSettings, Verdict, base_values, between_run_spread, compare_metric
 
@@ -285,7 +285,7 @@ def collect(pytest_args: Sequence[str]) -> Collected:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "keys.json"
         cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", *pytest_args]
-        env = {**os.environ, "LLMPERF_KEYS_OUT": str(out)}
+        env = {**os.environ, KEYS_OUT_ENV: str(out)}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         shown = " ".join(cmd[2:])
         if proc.returncode == 5:

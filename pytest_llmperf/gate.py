@@ -20,12 +20,14 @@ Pure code (no pytest, no files): the plugin calls :func:`decide` when a test end
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import verdict
 from .noise import SCATTER_LIMIT
 from .results import Record
+from .units import format_value
 
 Remeasure = Callable[[], Record]
 
@@ -101,18 +103,17 @@ class _Confirmation:
             attempts.append(self.again())
             chosen = min(attempts, key=_headline)
             entry = self.judge(chosen)
-        shown, n = _shown(chosen, attempts), len(attempts)
+        chosen.measurements = [_headline(r) for r in attempts]
         confirmed = change_of(entry) == direction
         if confirmed and _spread(attempts) > SCATTER_LIMIT:
             # Every measurement regressed, but they disagree by more than a quiet device
             # allows: a neighbour's job, not (only) the code.
             chosen.scatter = _spread(attempts)
-        if not confirmed:
-            word = f"not confirmed: re-measured {n - 1}x ({shown}), judged on the best"
-        elif direction == "limit":
-            word = f"over the limit in all {n} measurements ({shown})"
+        if confirmed:
+            word = confirmation_text(str(direction), chosen.measurements)
         else:
-            word = f"regression confirmed by {n} measurements ({shown})"
+            shown = _listed(chosen.measurements)
+            word = f"not confirmed: re-measured {len(attempts) - 1}x ({shown}), judged on the best"
         _add_note(chosen, word)
         if chosen is not record:
             _carry(record, chosen)
@@ -128,7 +129,8 @@ class _Confirmation:
         while len(attempts) <= self.allowed:
             attempts.append(self.again())
             if change_of(self.judge(attempts[-1])) != "improved":
-                shown = _shown(record, attempts)
+                record.measurements = [_headline(r) for r in attempts]
+                shown = _listed(record.measurements)
                 _add_note(
                     record, f"improvement not confirmed: re-measured {len(attempts) - 1}x ({shown})"
                 )
@@ -136,8 +138,8 @@ class _Confirmation:
         worst = max(attempts, key=_headline)
         if worst is not record:
             _carry(record, worst)
-        shown = _shown(worst, attempts)
-        _add_note(worst, f"improvement confirmed by {len(attempts)} measurements ({shown})")
+        worst.measurements = [_headline(r) for r in attempts]
+        _add_note(worst, confirmation_text("improved", worst.measurements))
         return worst, self.judge(worst), True
 
 
@@ -159,9 +161,19 @@ def _carry(first: Record, chosen: Record) -> None:
             chosen.metrics.pop(name, None)
 
 
-def _shown(chosen: Record, attempts: list[Record]) -> str:
-    chosen.measurements = [_headline(r) for r in attempts]
-    return ", ".join(verdict.format_value(m, "s") for m in chosen.measurements)
+def _listed(medians: Sequence[float]) -> str:
+    return ", ".join(format_value(m, "s") for m in medians)
+
+
+def confirmation_text(direction: str, medians: Sequence[float]) -> str:
+    """The sentence a change that survived re-measuring carries, in the record's note and in
+    a red test's message: ``regression confirmed by 3 measurements (140.1 ms, …)``."""
+    n, shown = len(medians), _listed(medians)
+    if direction == "limit":
+        return f"over the limit in all {n} measurements ({shown})"
+    if direction == "improved":
+        return f"improvement confirmed by {n} measurements ({shown})"
+    return f"regression confirmed by {n} measurements ({shown})"
 
 
 def _add_note(record: Record, text: str) -> None:

@@ -9,7 +9,9 @@ uses llmperf, and scipy, torch and transformers load only when something is meas
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -39,24 +41,16 @@ SKIP = pytest.StashKey[dict]()
 GATE_FAILED = pytest.StashKey[bool]()
 
 
+@dataclass(frozen=True)
 class _Config:
     """What pytest_configure resolved and validated: cheap, made for every run."""
 
-    def __init__(
-        self,
-        settings: S.Settings,
-        rootdir: Path,
-        baselines_root: Path,
-        report_dir: Optional[Path],
-        aliases: S.DeviceAliases,
-        workers: int,
-    ) -> None:
-        self.settings = settings
-        self.rootdir = rootdir
-        self.baselines_root = baselines_root
-        self.report_dir = report_dir
-        self.aliases = aliases
-        self.workers = workers
+    settings: S.Settings
+    rootdir: Path
+    baselines_root: Path
+    report_dir: Optional[Path]
+    aliases: S.DeviceAliases
+    workers: int
 
 
 # -- options and configuration -----------------------------------------------------------------
@@ -121,9 +115,11 @@ def _resolve_config(config: pytest.Config) -> _Config:
                 raise S.SettingError(
                     f"{settings.sources['report']}: {target} exists and is not a file"
                 )
-    pyproject = Path(config.inipath) if config.inipath else Path(config.rootpath) / "pyproject.toml"
-    if pyproject.name != "pyproject.toml":
-        pyproject = Path(config.rootpath) / "pyproject.toml"
+    # [tool.llmperf] lives in the pyproject.toml pytest read, else in the rootdir's.
+    ini = Path(config.inipath) if config.inipath else None
+    pyproject = (
+        ini if ini and ini.name == "pyproject.toml" else Path(config.rootpath) / "pyproject.toml"
+    )
     where = f" in {config.inipath}" if config.inipath else ""
     aliases = S.device_aliases(config.getini("llmperf_device_aliases"), where, pyproject)
     return _Config(
@@ -330,7 +326,7 @@ def _mark_and_key(config: pytest.Config, items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # `llmperf baselines prune` collects in a subprocess and reads the keys back from here.
-    out = os.environ.get("LLMPERF_KEYS_OUT")
+    out = os.environ.get(S.KEYS_OUT_ENV)
     if not out or hasattr(session.config, "workerinput"):
         return
     from . import backends
@@ -347,8 +343,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "suites": sorted({Path(str(item.path)).stem for item in session.items}),
         "devices": devices,
     }
-    import json
-
     Path(out).write_text(json.dumps(data))
 
 
@@ -379,9 +373,9 @@ def _devices_count(marker: pytest.Mark, where: str) -> int:
 # -- fixtures ----------------------------------------------------------------------------------
 
 
-def _skip(item: pytest.Item, kind: str, reason: str, backend: str = "") -> None:
+def _skip(item: pytest.Item, kind: str, reason: str) -> None:
     # The controller counts these in the "N of M judged" line (see RunState.coverage).
-    item.stash[SKIP] = {"kind": kind, "reason": reason, "backend": backend}
+    item.stash[SKIP] = {"kind": kind, "reason": reason}
     pytest.skip(reason)
 
 
@@ -391,7 +385,7 @@ def _acquire(request: pytest.FixtureRequest, name: str) -> Backend:
     backend = backends.get_backend(name)
     probe = backend.probe()
     if not probe.available:
-        _skip(request.node, "backend", f"{name} backend unavailable: {probe.reason}", name)
+        _skip(request.node, "backend", f"{name} backend unavailable: {probe.reason}")
     marker = request.node.get_closest_marker("devices")
     if marker is not None:
         need = _devices_count(marker, request.node.nodeid)
@@ -401,7 +395,6 @@ def _acquire(request: pytest.FixtureRequest, name: str) -> Backend:
                 request.node,
                 "node",
                 f"marker devices({need}): needs {need} {name} devices, this node has {have}",
-                name,
             )
     return backend
 
@@ -593,10 +586,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
     # Before yielding: every test has run, and the terminal summary (printed after the inner
     # hooks) must already know what the baseline update changed.
     config = session.config
-    if _has_state(config):
-        _state(config).close()  # child processes and the cached model, in workers too
-    if not hasattr(config, "workerinput") and _has_state(config):
-        state = _state(config)
+    if not _has_state(config):
+        return (yield)
+    state = _state(config)
+    state.close()  # child processes and the cached model, in workers too
+    if not hasattr(config, "workerinput"):
         # pytest-benchmark saves --benchmark-json in its own wrapper, and only when its fixture
         # ran; otherwise it warns "Not saving anything". When only llmperf measured, the file
         # is ours to write.
@@ -633,7 +627,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             terminalreporter.write_sep("=", line[2:])
         else:
             terminalreporter.write_line(line)
-    cov = state.coverage()
+    cov = state.final_coverage or state.coverage()
     if cov.shown:
         color = {"green": cov.complete and not state.errors}
         if not cov.complete:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from . import __version__, baselines
 from .baselines import atomic_write
+from .gate import confirmation_text
 from .metrics import METRICS, main_metric
 from .results import Record
 from .units import format_metric, format_value
@@ -110,13 +111,8 @@ def failure_text(record: Record, entry: EntryVerdict, runs: Sequence[dict[str, A
     lines += [f"  {'over the limit' if m.limit else m.verdict.value}: {m.detail}" for m in failures]
     limits_only = all(m.limit for m in failures)
     if len(record.measurements) > 1:
-        shown = ", ".join(format_value(v, "s") for v in record.measurements)
-        n = len(record.measurements)
-        lines.append(
-            f"  over the limit in all {n} measurements ({shown})"
-            if limits_only
-            else f"  regression confirmed by {n} measurements ({shown})"
-        )
+        direction = "limit" if limits_only else "regressed"
+        lines.append("  " + confirmation_text(direction, record.measurements))
     if limits_only:
         lines.append(
             "  an absolute limit of the marker llmperf(...): raise it there if the new "

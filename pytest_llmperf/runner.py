@@ -21,7 +21,7 @@ from .execute import ModelCache, fill_timing, is_oom, resolve
 from .launchers import Launchers
 from .measure import Timing, run_rounds
 from .results import Record
-from .spec import RecordContext, WorkloadSpec, freeze_options
+from .spec import RecordContext, WorkloadSpec, check_positive, freeze_options
 
 __all__ = ["LLMPerf", "SkipWorkload", "TestContext", "UsageError", "WorkloadCrashed"]
 
@@ -156,9 +156,9 @@ class LLMPerf:
         """
         if not callable(fn):
             raise UsageError(f"llmperf.measure(fn): expected a callable, got {type(fn).__name__}")
-        _check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size)
         if tokens is not None:
-            _check_positive("tokens", tokens)
+            check_positive("tokens", tokens)
         rounds, warmup = self._rounds(rounds, warmup)
         context = self._context(name, tolerance)
         record = self._measure_once(fn, context, batch_size, tokens, rounds, warmup)
@@ -265,8 +265,3 @@ def _checked(fn: Callable[[], Any]) -> Callable[[Any], Any]:
         return out
 
     return call
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{name}={value!r}: expected a positive integer")

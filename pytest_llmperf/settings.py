@@ -450,8 +450,15 @@ def tool_table(pyproject: Path | None) -> dict[str, Any]:
 
 #: Keys of ``[tool.llmperf]``: project settings that are not options.
 TOOL_KEYS = ("device_aliases",)
+#: ``llmperf baselines prune`` collects in a subprocess that writes the keys it found here.
+KEYS_OUT_ENV = "LLMPERF_KEYS_OUT"
+#: ``n/N``, set by ``llmperf baselines record`` for its runs: runs 2…N append to the history
+#: run 1 started, whatever their verdict.
+RECORD_RUN_ENV = "LLMPERF_RECORD_RUN"
+#: Modules a worker process imports first (backends and engines a conftest registers in code).
+WORKER_IMPORTS_ENV = "LLMPERF_WORKER_IMPORTS"
 #: Environment variables of ours that are not options (set by the CLI and for workers).
-INTERNAL_ENV = ("LLMPERF_KEYS_OUT", "LLMPERF_RECORD_RUN", "LLMPERF_WORKER_IMPORTS")
+INTERNAL_ENV = (KEYS_OUT_ENV, RECORD_RUN_ENV, WORKER_IMPORTS_ENV)
 
 
 def _did_you_mean(word: str, known: Any) -> str:

@@ -123,10 +123,10 @@ class WorkloadSpec:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UsageError(f"{name}={getattr(self, name)!r}: expected a non-empty string")
         for name in ("batch_size", "new_tokens", "devices", "rounds"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("prompt_tokens", "sequence_length"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+                check_positive(name, getattr(self, name))
         if not _is_int(self.warmup) or self.warmup < 0:
             raise UsageError(f"warmup={self.warmup!r}: expected an integer ≥ 0")
         if not _is_int(self.seed) or self.seed < 0:
@@ -141,7 +141,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> None:
+    """A usage error naming ``name`` unless ``value`` is a whole number ≥ 1 (bools are not)."""
     if not _is_int(value) or value < 1:
         raise UsageError(f"{name}={value!r}: expected a positive integer")
 

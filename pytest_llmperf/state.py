@@ -19,11 +19,7 @@ from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
 from .launchers import Launchers, LaunchSettings, default_cache_dir
 from .results import Record
-from .settings import DeviceAliases, MarkerOptions, Settings
-
-#: ``LLMPERF_RECORD_RUN=n/N`` is set by ``llmperf baselines record`` for its runs: runs 2…N
-#: append to the history run 1 started, whatever their verdict.
-RECORD_RUN_ENV = "LLMPERF_RECORD_RUN"
+from .settings import RECORD_RUN_ENV, DeviceAliases, MarkerOptions, Settings
 
 
 @dataclass
@@ -45,7 +41,7 @@ class RunState:
     _launchers: Optional[Launchers] = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     collected_keys: set[tuple[str, str]] = field(default_factory=set)
-    #: Tests skipped by llmperf: {"nodeid", "kind": "backend" | "node", "backend", "reason"}.
+    #: Tests skipped by llmperf: {"nodeid", "kind": "backend" | "node", "reason"}.
     skips: list[dict[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     changes: list[baselines.Change] = field(default_factory=list)
@@ -55,6 +51,8 @@ class RunState:
     _devices: dict[str, dict] = field(default_factory=dict)
     _files: dict[Path, Any] = field(default_factory=dict)
     _report_failed: bool = False
+    #: What the run judged, computed once when it finished.
+    final_coverage: Optional[report.Coverage] = None
 
     @classmethod
     def create(
@@ -301,8 +299,10 @@ class RunState:
     def finish(self) -> None:
         if self.updating:
             self._update_baselines()
-        self.errors += self.strict_problems()
-        text = report.summary_markdown(self.rows, self.coverage()) if self.rows else None
+        # Final from here on: the terminal summary and summary.md show this one count.
+        self.final_coverage = self.coverage()
+        self.errors += self.strict_problems(self.final_coverage)
+        text = report.summary_markdown(self.rows, self.final_coverage) if self.rows else None
         if self.report_dir is not None:
             self._write_results()
             if not self._report_failed:
@@ -332,28 +332,17 @@ class RunState:
             # the hardware; only passing tests' ok/oom results become history.
             if row["test_outcome"] == "passed":
                 records.append(Record.from_json(row["record"]))
-        append_only = _record_run() > 1
-        self.changes += self.store(records, self._devices, append_only=append_only)
-
-    def store(
-        self,
-        records: list[Record],
-        devices: dict[str, dict[str, Any]],
-        *,
-        append_only: bool = False,
-    ) -> list[baselines.Change]:
-        """Merge ``records`` into their baseline files (one file per device and suite)."""
         changes, errors = baselines.store_records(
             self.baselines_root,
             records,
-            devices=devices,
+            devices=self._devices,
             label=self.settings.label,
             keep_runs=self.settings.baseline_runs,
             reset=bool(self.settings.reset_baselines),
-            append_only=append_only,
+            append_only=_record_run() > 1,
         )
+        self.changes += changes
         self.errors += errors
-        return changes
 
     # -- what the run checked ------------------------------------------------------------
     def coverage(self) -> report.Coverage:
@@ -399,7 +388,7 @@ class RunState:
         if not self.baselines_root.is_dir():
             return f"the baselines directory {self.baselines_root} does not exist"
         if not path.parent.is_dir():
-            unlabelled = self.baseline_path(device_key, suite).parent.name.split("@", 1)[0]
+            unlabelled = path.parent.name.split("@", 1)[0]
             also = ""
             if self.settings.label and (self.baselines_root / unlabelled).is_dir():
                 also = f" ({unlabelled} without the label has baselines)"
@@ -462,11 +451,10 @@ class RunState:
             )
         return hints
 
-    def strict_problems(self) -> list[str]:
+    def strict_problems(self, cov: report.Coverage) -> list[str]:
         """Run-level failures of --llmperf-strict: a run that checked nothing is not green."""
         if not (self.settings.strict and self.gating):
             return []
-        cov = self.coverage()
         problems = []
         for skip in self.skips:
             if skip["kind"] == "backend":

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Optional
 
-IMPORTS_ENV = "LLMPERF_WORKER_IMPORTS"
+from .settings import WORKER_IMPORTS_ENV
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -53,7 +53,9 @@ def _protocol_channel() -> IO[str]:
 
 
 def _import_plugins() -> None:
-    for entry in filter(None, (e.strip() for e in os.environ.get(IMPORTS_ENV, "").split(","))):
+    for entry in filter(
+        None, (e.strip() for e in os.environ.get(WORKER_IMPORTS_ENV, "").split(","))
+    ):
         module, _, function = entry.partition(":")
         loaded = importlib.import_module(module)
         if function:
@@ -103,7 +105,7 @@ def _backend(backends: Any, name: str) -> Any:
     except KeyError as exc:
         raise RuntimeError(
             f"{exc.args[0]} in the worker process: a backend registered in a conftest must be "
-            f"importable here, list its module in {IMPORTS_ENV}"
+            f"importable here, list its module in {WORKER_IMPORTS_ENV}"
         ) from None
 
 

@@ -29,6 +29,11 @@ class Launcher:
         """Release what the launcher keeps between workloads (a worker, a cached model)."""
 
 
+def request(spec: WorkloadSpec, context: RecordContext, backend: Backend) -> dict[str, Any]:
+    """What a worker or a rank group is sent (``worker.handle`` reads it)."""
+    return {"spec": spec.to_json(), "context": context.to_json(), "backend": backend.name}
+
+
 def error_record(spec: WorkloadSpec, context: RecordContext, backend: Backend, why: str) -> Record:
     record = context.new_record(spec, backend.name)
     record.outcome = "error"

@@ -29,7 +29,7 @@ from ..errors import SkipWorkload, UsageError
 from ..results import MetricValue, Record
 from ..spec import RecordContext, WorkloadSpec
 from . import LaunchSettings
-from .base import Launcher, error_record, exit_reason, kill_group
+from .base import Launcher, error_record, exit_reason, kill_group, request
 
 
 class WorkerFailed(Exception):
@@ -168,11 +168,10 @@ class ProcessLauncher(Launcher):
         if self._worker is None:
             self._worker, self._key = Worker(self.settings), key
         worker = self._worker
-        message = {"spec": spec.to_json(), "context": context.to_json(), "backend": backend.name}
         try:
-            reply = worker.request(message, self.settings.timeout)
+            reply = worker.request(request(spec, context, backend), self.settings.timeout)
         except WorkerFailed as exc:
-            record = error_record(spec, context, backend, _with_tail(str(exc), worker))
+            record = error_record(spec, context, backend, with_tail(str(exc), worker.stderr_tail()))
             if exc.oom:
                 record.outcome = "oom"
             self.close()
@@ -189,10 +188,6 @@ class ProcessLauncher(Launcher):
         if self._worker is not None:
             self._worker.stop()
         self._worker = self._key = None
-
-
-def _with_tail(why: str, worker: Worker) -> str:
-    return with_tail(why, worker.stderr_tail())
 
 
 def with_tail(why: str, tail: str) -> str:

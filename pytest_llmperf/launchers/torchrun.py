@@ -27,7 +27,7 @@ from ..errors import SkipWorkload
 from ..results import Record
 from ..spec import RecordContext, WorkloadSpec
 from . import LaunchSettings
-from .base import Launcher, error_record, exit_reason, kill_group
+from .base import Launcher, error_record, exit_reason, kill_group, request
 from .process import from_reply
 
 
@@ -42,18 +42,13 @@ class TorchrunLauncher(Launcher):
             raise SkipWorkload("torchrun unavailable: torch.distributed.run cannot be imported")
         spec = self._with_weights(spec)
         with tempfile.TemporaryDirectory(prefix="llmperf-ranks-") as tmp:
-            request, out, log = (
+            message, out, log = (
                 Path(tmp) / "request.json",
                 Path(tmp) / "reply.json",
                 Path(tmp) / "log",
             )
-            message = {
-                "spec": spec.to_json(),
-                "context": context.to_json(),
-                "backend": backend.name,
-            }
-            request.write_text(json.dumps(message), encoding="utf-8")
-            code = self._launch(spec.devices, request, out, log)
+            message.write_text(json.dumps(request(spec, context, backend)), encoding="utf-8")
+            code = self._launch(spec.devices, message, out, log)
             tail = _tail(log)
             if code is None:
                 why = (

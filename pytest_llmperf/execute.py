@@ -14,13 +14,14 @@ the kernel killing the process rather than an exception.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import engines, measure, models, scenarios
 from .backends.base import Backend
 from .engines.base import Engine, LoadedModel
 from .errors import SkipWorkload, UsageError
+from .models.store import CheckpointStore
 from .noise import SCATTER_LIMIT, busy_load, scatter
 from .results import MetricValue, Record
 from .scenarios.base import Scenario
@@ -32,11 +33,13 @@ from .units import format_value
 class ModelCache:
     """Keeps the last loaded model: a parametrized suite reuses it instead of reloading.
 
-    Only one model is kept, so two large models are never resident at once.
+    Only one model is kept, so two large models are never resident at once. ``store`` is the
+    checkpoint cache on disk that engines load from.
     """
 
     key: Optional[tuple] = None
     loaded: Optional[LoadedModel] = None
+    store: CheckpointStore = field(default_factory=CheckpointStore)
 
     def get(self, key: tuple) -> Optional[LoadedModel]:
         return self.loaded if key == self.key else None
@@ -45,6 +48,8 @@ class ModelCache:
         self.key, self.loaded = key, loaded
 
     def drop(self, backend: Optional[Backend] = None) -> None:
+        if self.loaded is not None and self.loaded.close is not None:
+            self.loaded.close()
         self.key = self.loaded = None
         if backend is not None:
             backend.free_memory()
@@ -81,6 +86,10 @@ def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, mod
             f"llmperf.{spec.kind}(dtype={spec.dtype!r}): engine {engine.name!r} runs "
             + ", ".join(engine.dtypes)
         )
+    try:
+        engine.check_options(spec.options)
+    except UsageError as exc:
+        raise UsageError(f"llmperf.{spec.kind}(engine_options=...): {exc}") from None
     scenario.validate(spec, model)
     count = backend.device_count()
     if spec.devices > count:
@@ -173,7 +182,7 @@ class _Job:
     def load(self, record: Record) -> Optional[LoadedModel]:
         self.cache.drop(self.backend)
         try:
-            loaded = self.engine.load(self.model, self.spec, self.backend)
+            loaded = self.engine.load(self.model, self.spec, self.backend, self.cache.store)
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise

@@ -146,12 +146,13 @@ class FakeEngine(Engine):
     """Generates ``new_tokens`` per row by advancing the backend's clock token by token."""
 
     name: ClassVar[str] = "fake-engine"
+    options: ClassVar[dict[str, tuple[type, ...]]] = {"attn": (str,), "layers": (list,)}
     #: Tokens produced short of those asked for (a broken engine).
     missing_tokens: ClassVar[int] = 0
     #: Seconds spent after the last token inside the call (e.g. a host copy).
     overhead_s: ClassVar[float] = 0.0
 
-    def load(self, model: Any, spec: Any, backend: Backend) -> LoadedModel:
+    def load(self, model: Any, spec: Any, backend: Backend, store: Any = None) -> LoadedModel:
         backend.synchronize()
         start = backend.clock()
         backend.advance(LOAD_S, "load")

@@ -16,6 +16,7 @@ from ..backends.base import Backend
 
 if TYPE_CHECKING:
     from ..models import ModelSpec
+    from ..models.store import CheckpointStore
     from ..spec import WorkloadSpec
 
 TokenHook = Callable[[], None]
@@ -40,6 +41,11 @@ class LoadedModel:
     load_time_s: float
     dtype: str
     devices: int = 1
+    #: What the record's note should say about how the engine ran (kernel injection off and
+    #: why, where the weights were placed); empty when there is nothing to say.
+    note: str = ""
+    #: Called when the model is dropped (scratch folders, process groups).
+    close: Optional[Callable[[], None]] = None
 
 
 class Engine:
@@ -47,6 +53,32 @@ class Engine:
     #: The dtypes this engine runs; another one is a usage error (not a skip): the test asked
     #: for a combination that cannot exist.
     dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
+    #: Engine options (``engine_options={...}``) this engine takes: name -> accepted types.
+    #: Anything else is a usage error naming the option, before a model is built.
+    options: ClassVar[dict[str, tuple[type, ...]]] = {}
+    #: The engine can take the interpreter down (a native crash in its library): the ``auto``
+    #: launcher runs it in a child process, so a crash is an ``error`` record, not a lost session.
+    may_crash: ClassVar[bool] = False
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise UsageError naming an unknown option or one of the wrong type."""
+        from ..errors import UsageError
+
+        for name, value in options.items():
+            if name not in self.options:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise UsageError(
+                    f"engine_options[{name!r}]: unknown option for engine {self.name!r} "
+                    f"(known: {known})"
+                )
+            types = self.options[name]
+            if isinstance(value, bool) and bool not in types:
+                types = ()
+            if not isinstance(value, types):
+                want = " or ".join(t.__name__ for t in self.options[name])
+                raise UsageError(
+                    f"engine_options[{name!r}]={value!r}: expected {want} for engine {self.name!r}"
+                )
 
     def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
         """Why this engine cannot run this workload on this node (a skip reason), or None."""
@@ -61,7 +93,12 @@ class Engine:
         to run (KV cache, activations). Engines with workspaces of their own add them."""
         return self.weight_bytes(model, spec.dtype) + runtime_bytes
 
-    def load(self, model: ModelSpec, spec: WorkloadSpec, backend: Backend) -> LoadedModel:
+    def load(
+        self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore
+    ) -> LoadedModel:
+        """Load ``model`` for ``spec``; ``store`` gives a checkpoint directory to load from
+        (``store.checkpoint``: the real one, or the seeded one written once) and scratch folders.
+        Synchronize the backend around the timed part; ``load_time_s`` is that span."""
         raise NotImplementedError
 
     def generate(

@@ -12,6 +12,7 @@ from .base import Engine, LoadedModel, Prompt, TokenHook
 
 if TYPE_CHECKING:
     from ..models import ModelSpec
+    from ..models.store import CheckpointStore
     from ..spec import WorkloadSpec
 
 
@@ -64,6 +65,7 @@ def greedy_kwargs(new_tokens: int, pad_token_id: Optional[int]) -> dict[str, Any
 
 class TransformersEngine(Engine):
     name: ClassVar[str] = "transformers"
+    options: ClassVar[dict[str, tuple[type, ...]]] = {"checkpoint": (str,)}
 
     def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
         reason = backend.dtype_reason(spec.dtype)
@@ -81,7 +83,9 @@ class TransformersEngine(Engine):
             )
         return None
 
-    def load(self, model: ModelSpec, spec: WorkloadSpec, backend: Backend) -> LoadedModel:
+    def load(
+        self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore
+    ) -> LoadedModel:
         from .. import models
 
         backend.synchronize()

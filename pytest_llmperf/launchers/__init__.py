@@ -21,6 +21,7 @@ from typing import Optional
 
 from ..errors import UsageError
 from ..execute import ModelCache
+from ..models.store import CACHE_DIR_ENV, CheckpointStore, default_cache_dir
 from ..spec import WorkloadSpec
 from .base import Launcher
 from .inline import InlineLauncher
@@ -28,11 +29,6 @@ from .inline import InlineLauncher
 __all__ = ["NAMES", "LaunchSettings", "Launcher", "Launchers", "default_cache_dir"]
 
 NAMES = ("auto", "inline", "process", "torchrun", "deepspeed")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pytest-llmperf"
 
 
 @dataclass(frozen=True)
@@ -43,6 +39,10 @@ class LaunchSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     python: str = sys.executable
 
+    def child_env(self) -> dict[str, str]:
+        """The environment of a worker or rank: this one, plus where the checkpoint cache is."""
+        return {**os.environ, CACHE_DIR_ENV: str(self.cache_dir)}
+
 
 class Launchers:
     """The launchers of one session, each made on first use and closed at the session's end."""
@@ -51,7 +51,11 @@ class Launchers:
         self, settings: Optional[LaunchSettings] = None, cache: Optional[ModelCache] = None
     ):
         self.settings = settings or LaunchSettings()
-        self.cache = cache if cache is not None else ModelCache()
+        self.cache = (
+            cache
+            if cache is not None
+            else ModelCache(store=CheckpointStore(self.settings.cache_dir))
+        )
         self._made: dict[str, Launcher] = {}
 
     def choose(self, spec: WorkloadSpec, requested: str) -> Launcher:

@@ -73,6 +73,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             start_new_session=True,  # its whole process group can be killed on a timeout
+            env=settings.child_env(),
         )
         self._buffer = b""
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from ..backends.base import Backend
 from ..errors import SkipWorkload
+from ..models.store import CheckpointStore
 from ..results import Record
 from ..spec import RecordContext, WorkloadSpec
 from . import LaunchSettings
@@ -69,10 +70,10 @@ class TorchrunLauncher(Launcher):
         if spec.weights is not None or spec.options.get("checkpoint"):
             return spec
         model = models.get(spec.model)
-        if model.hf_id and models.hf_cache_snapshot(model.hf_id, need_weights=True):
-            return spec  # the real checkpoint in the HF cache
         try:
-            directory = models.save_seeded(model, spec.dtype, spec.seed, self.settings.cache_dir)
+            directory, _ = CheckpointStore(self.settings.cache_dir).checkpoint(
+                model, spec.dtype, spec.seed
+            )
         except OSError as exc:
             raise SkipWorkload(str(exc)) from None
         return replace(spec, weights=str(directory))
@@ -91,7 +92,7 @@ class TorchrunLauncher(Launcher):
             f"--request={request}",
             f"--out={out}",
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, _cpus() // ranks))}
+        env = {**self.settings.child_env(), "OMP_NUM_THREADS": str(max(1, _cpus() // ranks))}
         with open(log, "wb") as sink:
             proc = subprocess.Popen(
                 cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env

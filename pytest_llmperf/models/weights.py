@@ -60,17 +60,14 @@ def build_model(
     tdtype = torch_dtype(dtype)
     if checkpoint is not None:
         directory, label, short_hash = _resolve_checkpoint(spec, checkpoint)
-        marker = directory / SEEDED_MARKER
-        if marker.is_file():
-            source = json.loads(marker.read_text(encoding="utf-8"))["weight_source"]
+        if (directory / SEEDED_MARKER).is_file():
+            source = seeded_source(directory)
         else:
             source = f"checkpoint:{label}@{short_hash}"
         return _load_checkpoint(directory, tdtype, device, tensor_parallel), source
-    snapshot = hf_cache_snapshot(spec.hf_id, need_weights=True) if spec.hf_id else None
-    if snapshot is not None:
-        _check_family(spec, snapshot)
-        model = _load_checkpoint(snapshot, tdtype, device, tensor_parallel)
-        return model, f"checkpoint:{spec.hf_id}@{snapshot.name[:12]}"
+    real = real_checkpoint(spec)
+    if real is not None:
+        return _load_checkpoint(real[0], tdtype, device, tensor_parallel), real[1]
     if tensor_parallel:
         raise ValueError(
             f"{spec.id}: tensor parallelism loads from a checkpoint directory; write the seeded "
@@ -79,6 +76,21 @@ def build_model(
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return _build_random(spec, tdtype, device, seed), f"seed:{seed}"
+
+
+def real_checkpoint(spec: ModelSpec) -> Optional[tuple[Path, str]]:
+    """(directory, weight source) of the model's real weights on this machine, or None."""
+    snapshot = hf_cache_snapshot(spec.hf_id, need_weights=True) if spec.hf_id else None
+    if snapshot is None:
+        return None
+    _check_family(spec, snapshot)
+    return snapshot, f"checkpoint:{spec.hf_id}@{snapshot.name[:12]}"
+
+
+def seeded_source(directory: Path) -> str:
+    """The weight source a seeded checkpoint written by :func:`save_seeded` records."""
+    marker = json.loads((directory / SEEDED_MARKER).read_text(encoding="utf-8"))
+    return str(marker["weight_source"])
 
 
 def seeded_dir(cache_dir: Path, spec: ModelSpec, dtype: str, seed: int) -> Path:

@@ -8,7 +8,8 @@ call's ``launcher=`` argument).
   devices run as a torchrun group, whose ranks are child processes as well.
 - ``torchrun`` — ``devices > 1``: one rank per device through ``torch.distributed.run``.
 - ``auto`` — ``torchrun`` for several devices, ``process`` when the workload asks for fresh
-  processes, else ``inline``.
+  processes or its engine declares it can crash the interpreter (``Engine.may_crash``), else
+  ``inline``.
 """
 
 from __future__ import annotations
@@ -101,10 +102,17 @@ def _choose_name(spec: WorkloadSpec, requested: str) -> str:
         # Several devices always run as a rank group: its ranks are child processes too.
         return "torchrun"
     if requested == "auto":
-        return "process" if spec.fresh != "no" else "inline"
+        return "process" if spec.fresh != "no" or _may_crash(spec.engine) else "inline"
     if spec.fresh != "no" and requested == "inline":
         raise UsageError(
             f"this workload asks for a fresh process per {spec.fresh} (fresh={spec.fresh!r}); "
             "the inline launcher cannot give one: use 'process' or 'auto'"
         )
     return requested
+
+
+def _may_crash(engine: str) -> bool:
+    """Engines whose library can take the interpreter down run in a child process by default."""
+    from .. import engines
+
+    return engines.get_engine(engine).may_crash

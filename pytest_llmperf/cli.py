@@ -1,4 +1,5 @@
-"""The ``llmperf`` command: record, show, diff and prune baselines; merge reports; list models."""
+"""The ``llmperf`` command: record, show, diff and prune baselines; merge reports; list models;
+show and prune the checkpoint cache."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,24 +35,63 @@ class CliError(Exception):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """The catalog and the project's registered models, with what they weigh per dtype, so a
+    user can see what fits before a suite skips it."""
     from . import models
+    from .settings import SettingError, model_registry
 
-    rows = [["id", "family", "tier", "parameters", "bf16 weights", "checkpoint"]]
+    pyproject = _nearest_pyproject()
+    try:
+        registry = model_registry(args.models_file or "", "", Path.cwd(), pyproject)
+    except SettingError as exc:
+        raise CliError(str(exc)) from None
     order = {"tiny": 0, "full": 1}
-    specs = models.catalog().values()
-    for spec in sorted(specs, key=lambda s: (order.get(s.tier, 2), s.family, s.param_count())):
-        rows.append(
-            [
-                spec.id,
-                spec.family,
-                spec.tier,
-                f"{spec.param_count() / 1e6:,.1f} M",
-                format_value(spec.weight_bytes("bf16"), "B"),
-                spec.hf_id or "(synthetic only)",
+    specs = sorted(
+        models.catalog().values(),
+        key=lambda s: (not s.suite, order.get(s.tier, 2), s.family, s.param_count()),
+    )
+    chosen: list[tuple[str, Any]] = [(s.tier + ("" if s.suite else ", by name"), s) for s in specs]
+    problems: list[str] = []
+    for name in sorted(registry):
+        try:
+            chosen.append(("registered", models.lookup(name, registry)))
+        except ValueError as exc:
+            problems.append(str(exc))
+    for name in args.names:
+        try:
+            chosen.append(("given", models.lookup(name, registry)))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    if args.names:
+        chosen = chosen[-len(args.names) :]
+    rows = [["name", "family", "selected", "parameters", "fp32", "bf16", "int8", "int4", "source"]]
+    for selected, spec in chosen:
+        try:
+            count = f"{spec.param_count() / 1e6:,.1f} M"
+            sizes = [
+                format_value(spec.weight_bytes(d), "B") for d in ("fp32", "bf16", "int8", "int4")
             ]
-        )
+        except Exception as exc:  # an architecture transformers cannot build here
+            count, sizes = "?", ["?"] * 4
+            problems.append(f"{spec.id}: cannot count its parameters ({exc})")
+        rows.append([spec.id, spec.family, selected, count, *sizes, spec.describe()])
     print_table(rows)
-    return 0
+    if pyproject is not None and registry:
+        print(
+            f"\nregistered in {_shown(pyproject)}"
+            + (f" and {args.models_file}" if args.models_file else "")
+        )
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _nearest_pyproject(start: Optional[Path] = None) -> Optional[Path]:
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / "pyproject.toml").is_file():
+            return directory / "pyproject.toml"
+    return None
 
 
 def print_table(rows: list[list[str]], out: Any = None) -> None:
@@ -464,6 +507,154 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cache ---------------------------------------------------------------------------------------
+
+_CACHE_KINDS = ("seeded", "partial write", "scratch", "other")
+
+
+def _cache_store(args: argparse.Namespace) -> Any:
+    """The store ``--cache-dir`` names, else the one the plugin would use from this shell
+    (``$LLMPERF_CACHE_DIR``, ``$LLMPERF_CACHE_SIZE``, else their defaults; ini files are not
+    read here)."""
+    from .models.store import CheckpointStore, cache_dir_from_env, cache_size_from_env
+    from .settings import SettingError
+
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else cache_dir_from_env()
+    if root.exists() and not root.is_dir():
+        raise CliError(f"{root}: not a directory (--cache-dir, or env LLMPERF_CACHE_DIR)")
+    try:
+        cap = cache_size_from_env()
+    except SettingError as exc:
+        raise CliError(str(exc)) from None
+    return CheckpointStore(root, cap)
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def cmd_cache_show(args: argparse.Namespace) -> int:
+    """Where the cache is, its cap, and what it holds: what ``prune`` would weigh."""
+    from .models.store import SCRATCH, SEEDED
+
+    store = _cache_store(args)
+    entries = store.entries()
+    cap = store.max_bytes
+    source = "env LLMPERF_CACHE_SIZE" if os.environ.get("LLMPERF_CACHE_SIZE") else "default"
+    counted = sum(e.size for e in entries if e.kind != SCRATCH)
+    scratch = sum(e.size for e in entries if e.kind == SCRATCH)
+    print(f"cache: {store.root}")
+    print(
+        "cap: "
+        + ("unlimited" if cap is None else format_value(cap, "B"))
+        + f" ({source}; --llmperf-cache-size, env LLMPERF_CACHE_SIZE)"
+    )
+    print(
+        f"total: {format_value(counted + scratch, 'B')} in {len(entries)} entries "
+        f"({format_value(counted, 'B')} counted against the cap, "
+        f"{format_value(scratch, 'B')} of scratch folders)"
+    )
+    if store.root.is_dir():
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(store.root).free
+            print(f"free disk: {format_value(free, 'B')}")
+    if not entries:
+        print("nothing cached" + ("" if store.root.is_dir() else " (the directory does not exist)"))
+        return 0
+    print()
+    rows = [["model", "dtype", "seed", "size", "last used", "kind"]]
+    order = {kind: n for n, kind in enumerate(_CACHE_KINDS)}
+    for e in sorted(entries, key=lambda e: (order.get(e.kind, 9), -e.last_used, e.path.name)):
+        kind = e.kind if e.current else f"{e.kind}, older generator"
+        if e.kind != "other" and store.in_use(e):
+            kind += ", in use" if e.kind != "partial write" else ", write in progress"
+        rows.append([e.model, e.dtype, e.seed, format_value(e.size, "B"), _when(e.last_used), kind])
+    print_table(rows)
+    if any(e.kind == SEEDED for e in entries):
+        print(
+            "\nseeded checkpoints are regenerated when used again; `llmperf cache prune "
+            "--older-than 7d` (or --all) removes them"
+        )
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    """Remove regenerable data only, so it asks nothing: partial writes, scratch folders and
+    older generators' checkpoints always, seeded checkpoints by age (or --all)."""
+    store = _cache_store(args)
+    try:
+        result = store.prune(older_than=args.older_than, everything=args.all, dry_run=args.dry_run)
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in result.removed:
+        print(
+            f"{verb}: {entry.label} ({format_value(entry.size, 'B')}, "
+            f"last used {_when(entry.last_used)})"
+        )
+    for entry, why in result.kept:
+        print(f"kept: {entry.label} ({why})")
+    if not result.removed:
+        print(f"nothing to prune under {store.root}")
+    elif args.dry_run:
+        print(
+            f"would remove {len(result.removed)} entries, freeing "
+            f"{format_value(result.freed, 'B')} under {store.root} (dry run: nothing removed)"
+        )
+    else:
+        print(
+            f"removed {len(result.removed)} entries, freed {format_value(result.freed, 'B')} "
+            f"under {store.root}"
+        )
+    return 0
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhdw])\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an age such as 7d, 12h or 30m (units s, m, h, d, w)"
+        )
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def _cache_dir(text: str) -> str:
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a directory path")
+    return text
+
+
+def _add_cache_commands(csub: Any) -> None:
+    where = (
+        "the cache directory (default: $LLMPERF_CACHE_DIR, else ~/.cache/pytest-llmperf, as "
+        "--llmperf-cache-dir)"
+    )
+    show = csub.add_parser("show", help="the cache's root, cap, size and entries")
+    show.add_argument("--cache-dir", type=_cache_dir, default=None, help=where)
+    show.set_defaults(func=cmd_cache_show)
+
+    prune = csub.add_parser(
+        "prune",
+        help="remove partial writes, scratch folders and old seeded checkpoints (never the "
+        "user's checkpoints, never what a running process uses)",
+    )
+    prune.add_argument("--cache-dir", type=_cache_dir, default=None, help=where)
+    age = prune.add_mutually_exclusive_group()
+    age.add_argument(
+        "--older-than",
+        type=_age,
+        default=None,
+        metavar="AGE",
+        help="also seeded checkpoints unused for AGE (e.g. 7d, 12h)",
+    )
+    age.add_argument("--all", action="store_true", help="also every seeded checkpoint")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    prune.set_defaults(func=cmd_cache_prune)
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
@@ -491,7 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pytest-llmperf {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("models", help="list the model catalog").set_defaults(func=cmd_models)
+    models_p = sub.add_parser(
+        "models",
+        help="list the model catalog and the project's registered models ([tool.llmperf.models])",
+    )
+    models_p.add_argument(
+        "names", nargs="*", help="show only these (catalog ids, registered names, directories)"
+    )
+    models_p.add_argument(
+        "--models-file", help="a TOML/JSON registry file, as ini llmperf_models_file names"
+    )
+    models_p.set_defaults(func=cmd_models)
 
     b = sub.add_parser("baselines", help="record, show, diff, accept or prune baselines")
     _add_baselines_commands(b.add_subparsers(dest="action", required=True))
@@ -500,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("results", nargs="+")
     rep.add_argument("-o", "--output")
     rep.set_defaults(func=cmd_report)
+
+    cache = sub.add_parser("cache", help="show or prune the checkpoint cache")
+    _add_cache_commands(cache.add_subparsers(dest="action", required=True))
     return p
 
 

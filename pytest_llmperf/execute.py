@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 from . import engines, measure, models, scenarios
@@ -51,6 +52,7 @@ class ModelCache:
         if self.loaded is not None and self.loaded.close is not None:
             self.loaded.close()
         self.key = self.loaded = None
+        self.store.unpin_all()
         if backend is not None:
             backend.free_memory()
 
@@ -73,7 +75,7 @@ def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, mod
     except UsageError as exc:
         raise UsageError(f"llmperf.{spec.kind}(engine=...): {exc}") from None
     try:
-        model = models.get(spec.model)
+        model = model_of(spec)
     except ValueError as exc:
         raise UsageError(f"llmperf.{spec.kind}(model=...): {exc}") from None
     if spec.dtype not in models.DTYPE_BYTES:
@@ -100,6 +102,15 @@ def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, mod
     return scenario, engine, model
 
 
+def model_of(spec: WorkloadSpec) -> models.ModelSpec:
+    """The model a spec names: as the test resolved it (``model_source``), else looked up."""
+    if spec.model_source:
+        import json
+
+        return models.ModelSpec.from_json(json.loads(spec.model_source))
+    return models.lookup(spec.model)
+
+
 def execute(
     spec: WorkloadSpec,
     context: RecordContext,
@@ -110,6 +121,8 @@ def execute(
     scenario, engine, model = resolve(spec, backend)
     job = _Job(spec, backend, scenario, engine, model, cache if cache is not None else ModelCache())
     record = context.new_record(spec, backend.name)
+    if scenario.measures_load:
+        return job.measure_loads(record)
     loaded = job.cache.get(job.key)
     short = job.memory_short(cached=loaded is not None)
     if short is not None:
@@ -122,6 +135,8 @@ def execute(
     else:
         # load_time_s belongs to the record of the call that loaded the model.
         record.workload["model_reused"] = True
+    if loaded.note:  # how the engine ran (placement, quantization), on every record
+        record.note = loaded.note
     inputs = scenario.prepare(spec, model, loaded, backend)
     short = job.exact_memory_short(loaded, inputs)
     if short is not None:
@@ -143,7 +158,16 @@ class _Job:
     @property
     def key(self) -> tuple:
         s = self.spec
-        return (s.model, s.dtype, s.engine, s.engine_options, s.seed, self.backend.name, s.devices)
+        return (
+            s.model,
+            s.model_source,
+            s.dtype,
+            s.engine,
+            s.engine_options,
+            s.seed,
+            self.backend.name,
+            s.devices,
+        )
 
     def _free(self, resident: int) -> Optional[int]:
         avail = self.backend.available_memory_bytes()
@@ -179,10 +203,16 @@ class _Job:
         need = self.engine.memory_need(self.model, self.spec, runtime)
         return (need, free) if need > free else None
 
-    def load(self, record: Record) -> Optional[LoadedModel]:
+    def load(
+        self, record: Record, store: Optional[CheckpointStore] = None
+    ) -> Optional[LoadedModel]:
+        """Drop the resident model, load this one from ``store`` (default: the cache's) and keep
+        it as the one resident; None when it ran out of memory (the record says so)."""
         self.cache.drop(self.backend)
         try:
-            loaded = self.engine.load(self.model, self.spec, self.backend, self.cache.store)
+            loaded = self.engine.load(
+                self.model, self.spec, self.backend, store or self.cache.store
+            )
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise
@@ -191,6 +221,22 @@ class _Job:
             return None
         self.cache.put(self.key, loaded)
         return loaded
+
+    def measure_loads(self, record: Record) -> Record:
+        """The load kind (scenarios/load.py): each round loads the model again through
+        :meth:`load`, so nothing is loaded here first, and the model it replaces is dropped
+        before the memory check counts what is free."""
+        self.cache.drop(self.backend)
+        short = self.memory_short(cached=False)
+        if short is not None:
+            return _not_run(record, *short)
+        load = partial(self.load, record)
+        timing = self.scenario.load_rounds(
+            self.spec, self.engine, self.backend, self.cache.store, record, load
+        )
+        if timing is not None:
+            fill_timing(record, timing, self.backend, tokens=None, main="load_time_s")
+        return record
 
     def measure(self, loaded: LoadedModel, inputs: Any, record: Record) -> Record:
         spec, scenario = self.spec, self.scenario

@@ -9,6 +9,7 @@ uses llmperf, and scipy, torch and transformers load only when something is meas
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 BACKEND_NAMES = ("cpu", "cuda", "hpu", "neuron", "xpu", "mps")
 #: Parameters the shipped suites gained after baselines were recorded with their implicit value:
 #: at that value they stay out of the key, so existing entries keep matching.
-IMPLICIT_PARAMS = {"devices": 1, "engine": "transformers"}
+IMPLICIT_PARAMS = {"devices": 1, "engine": "transformers", "engine_options": None}
 BACKEND_FIXTURES = {f"{n}_backend": n for n in BACKEND_NAMES}
 LLMPERF_FIXTURES = frozenset({"llmperf", "llmperf_backend", *BACKEND_FIXTURES})
 
@@ -51,6 +52,8 @@ class _Config:
     report_dir: Optional[Path]
     aliases: S.DeviceAliases
     workers: int
+    #: Registered models: name -> models.Registration.
+    models: dict[str, Any]
 
 
 # -- options and configuration -----------------------------------------------------------------
@@ -73,6 +76,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "device's baselines (also [tool.llmperf] device_aliases in pyproject.toml)",
         type="linelist",
         default=[],
+    )
+    parser.addini(
+        "llmperf_models_file",
+        help="a TOML or JSON file registering models by name (NAME = PATH, HF id or "
+        "{config = ...}); also [tool.llmperf.models] in pyproject.toml",
+        default="",
     )
 
 
@@ -122,8 +131,18 @@ def _resolve_config(config: pytest.Config) -> _Config:
     )
     where = f" in {config.inipath}" if config.inipath else ""
     aliases = S.device_aliases(config.getini("llmperf_device_aliases"), where, pyproject)
+    registry = S.model_registry(
+        config.getini("llmperf_models_file"), where, inidir or cwd, pyproject
+    )
+    _check_model_names(settings, registry)
     return _Config(
-        settings, Path(config.rootpath), baselines_root, report_dir, aliases, _workers(config)
+        settings,
+        Path(config.rootpath),
+        baselines_root,
+        report_dir,
+        aliases,
+        _workers(config),
+        registry,
     )
 
 
@@ -197,30 +216,71 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def parametrize_models(
     metafunc: pytest.Metafunc, argname: str = "model", families: Optional[tuple[str, ...]] = None
 ) -> None:
-    """Parametrize ``argname`` with the catalog models of the selected tier (--llmperf-models).
+    """Parametrize ``argname`` with the models --llmperf-models selects (see
+    :func:`selected_models`)."""
+    metafunc.parametrize(
+        argname,
+        [
+            model_param(name, tier)
+            for name, tier, family in selected_models(metafunc.config)
+            if families is None or family is None or family in families
+        ],
+    )
 
-    With ``auto`` the tier follows the backend: tiny models on CPU, full ones on accelerators.
-    When both kinds of backend are selected, both tiers are collected and each test instance
-    whose model does not fit its backend's tier is skipped at setup.
+
+def selected_models(config: pytest.Config) -> list[tuple[str, Optional[str], Optional[str]]]:
+    """(name, tier, family) of the models --llmperf-models selects.
+
+    A tier (``auto``, ``tiny``, ``full``) gives the catalog's suite models of that tier; with
+    ``auto`` the tier follows the backend: tiny models on CPU, full ones on accelerators. When
+    both kinds of backend are selected, both tiers are collected and each test instance whose
+    model does not fit its backend's tier is skipped at setup. A list of names (catalog ids,
+    registered names, checkpoint directories) runs exactly those, on every backend (tier and
+    family None: a name is not resolved while collecting).
     """
     from . import models
 
-    state = _state(metafunc.config)
-    tier = state.settings.models
+    state = _state(config)
+    chosen = state.settings.models
+    if chosen not in S.MODEL_TIERS:
+        return [(name, None, None) for name in chosen.split(",")]
     tiers = (
-        [tier]
-        if tier != "auto"
+        [chosen]
+        if chosen != "auto"
         else sorted({"tiny" if b == "cpu" else "full" for b in state.selected_backends})
     )
-    params = []
-    for t in tiers:
-        for model_id in models.models_for_tier(t):
-            spec = models.get(model_id)
-            if families is None or spec.family in families:
-                params.append(
-                    pytest.param(model_id, marks=pytest.mark.llmperf_model_tier(t), id=model_id)
-                )
-    metafunc.parametrize(argname, params)
+    return [
+        (model_id, t, models.get(model_id).family)
+        for t in tiers
+        for model_id in models.models_for_tier(t)
+    ]
+
+
+def model_param(name: str, tier: Optional[str], *more: Any, id: Optional[str] = None) -> Any:
+    """``pytest.param(name, *more)`` marked with its tier, so a test instance whose model does
+    not fit the backend's tier is skipped at setup."""
+    marks = [pytest.mark.llmperf_model_tier(tier)] if tier else []
+    return pytest.param(name, *more, marks=marks, id=id or name)
+
+
+def _check_model_names(settings: S.Settings, registry: dict[str, Any]) -> None:
+    """A name in --llmperf-models that is no catalog id, registered name, path or HF id is a
+    typo: say so at start-up, not once per test. Catalog and registry only: no torch."""
+    from .models.catalog import catalog
+
+    if settings.models in S.MODEL_TIERS:
+        return
+    known = set(catalog()) | set(registry)
+    for name in settings.models.split(","):
+        if name in known or "/" in name or Path(name).expanduser().exists():
+            continue
+        close = difflib.get_close_matches(name, [*S.MODEL_TIERS, *sorted(known)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise S.SettingError(
+            f"{settings.sources['models']}: unknown model {name!r}{hint}; expected a tier "
+            f"({', '.join(S.MODEL_TIERS)}) or model names: catalog ids (llmperf models), "
+            "registered names, checkpoint directories"
+        )
 
 
 def baseline_key(item: pytest.Item) -> str:
@@ -457,6 +517,7 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         # Every worker uses the backend's default device: they compete for it.
         shared_workers=state.workers if state.workers > 1 else 0,
         launcher=marker.launcher or settings.launcher,
+        models=item.config.stash[CONFIG].models,
     )
     handle = LLMPerf(llmperf_backend, context, state.launchers)
     item.stash[HANDLE] = handle

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Optional
@@ -20,10 +21,15 @@ from .errors import SkipWorkload, UsageError
 from .execute import ModelCache, fill_timing, is_oom, resolve
 from .launchers import Launchers
 from .measure import Timing, run_rounds
+from .metrics import LOAD_GATED
 from .results import Record
 from .spec import RecordContext, WorkloadSpec, check_positive, freeze_options
 
 __all__ = ["LLMPerf", "SkipWorkload", "TestContext", "UsageError", "WorkloadCrashed"]
+
+#: Rounds of ``llmperf.load``: each is a new process and a whole load (minutes for a large
+#: model), and one run of them is one reading per round, not a timing loop.
+LOAD_ROUNDS = 3
 
 
 class WorkloadCrashed(Exception):
@@ -47,6 +53,8 @@ class TestContext:
     shared_workers: int = 0
     #: --llmperf-launcher or the marker's ``launcher=``.
     launcher: str = "auto"
+    #: Models the project registered ([tool.llmperf.models], ini llmperf_models_file).
+    models: dict[str, Any] = field(default_factory=dict)
 
 
 class LLMPerf:
@@ -102,6 +110,7 @@ class LLMPerf:
         spec = WorkloadSpec(
             kind="generate",
             model=model,
+            model_source=self.model_source("generate", model),
             engine=engine,
             engine_options=freeze_options(engine_options, "llmperf.generate(engine_options=...)"),
             dtype=dtype or self.backend.default_dtype,
@@ -116,6 +125,55 @@ class LLMPerf:
         )
         spec.check()
         return self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
+
+    def load(
+        self,
+        model: str,
+        *,
+        engine: str = "transformers",
+        dtype: Optional[str] = None,
+        engine_options: Optional[dict[str, Any]] = None,
+        file_cache: str = "cold",
+        rounds: Optional[int] = None,
+        name: Optional[str] = None,
+        tolerance: Optional[float] = None,
+        launcher: Optional[str] = None,
+    ) -> Record:
+        """How long ``model`` takes to load from its checkpoint on disk; every round is a cold
+        start in a fresh process (scenarios/load.py): the engine's libraries imported and timed
+        apart (``import_s``), the checkpoint's files evicted from the page cache
+        (``file_cache="cold"``) or read once (``"warm"``), then the engine's load
+        (``load_time_s``, gated with the default metrics unless the test names its own).
+        ``rounds`` defaults to 3, not ``--llmperf-rounds``: a round is a whole load."""
+        spec = WorkloadSpec(
+            kind="load",
+            model=model,
+            model_source=self.model_source("load", model),
+            engine=engine,
+            engine_options=freeze_options(engine_options, "llmperf.load(engine_options=...)"),
+            dtype=dtype or self.backend.default_dtype,
+            file_cache=file_cache,
+            rounds=LOAD_ROUNDS if rounds is None else rounds,
+            warmup=0,  # a warm-up load would warm what the rounds measure
+            fresh="round",
+        )
+        spec.check()
+        record = self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
+        self.overrides.setdefault(record.key, {}).setdefault("gate", LOAD_GATED)
+        return record
+
+    def model_source(self, kind: str, model: str) -> Optional[str]:
+        """What a model name stands for when it is not a catalog id, resolved here (the
+        project's registry, paths from this working directory) for whichever process runs it."""
+        from . import models
+
+        try:
+            found = models.lookup(model, self.context.models)
+        except ValueError as exc:
+            raise UsageError(f"llmperf.{kind}(model=...): {exc}") from None
+        if found.source == "catalog":
+            return None
+        return json.dumps(found.to_json(), sort_keys=True)
 
     def run(
         self,

@@ -108,6 +108,15 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _models(text: str) -> str:
+    """A tier or model names; names are checked where they are used (a path may exist only on
+    the node that runs the suite)."""
+    value = ",".join(part.strip() for part in str(text).split(",") if part.strip())
+    if not value:
+        raise SettingError("expected a tier (auto, tiny, full) or a comma-separated list of models")
+    return value
+
+
 def _backends(text: str) -> list[str]:
     from . import backends
 
@@ -145,6 +154,54 @@ def _path(text: str) -> str:
     if "\0" in value:
         raise SettingError("a path cannot hold a NUL character")
     return value
+
+
+#: The checkpoint cache's default size cap (``--llmperf-cache-size``). 100 GiB holds two 7-8B
+#: models in both dtypes of the shipped suite (bf16 + fp32: 38 GiB for bloomz-7b1, 45 GiB for
+#: llama-3.1-8b), so a run alternating between two such models does not evict what it reuses
+#: next, while ~/.cache stays bounded. Models of 70B and up (131 GiB and more in bf16) are beyond
+#: any cap a home directory affords: they should come from their real checkpoint. A node with a
+#: disk for the cache sets more, or 'unlimited'.
+DEFAULT_CACHE_SIZE = 100 * 2**30
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: Any) -> Optional[int]:
+    """``100GiB``, ``500MB``, ``1.5 TiB``, ``1073741824`` → bytes; ``unlimited`` → None.
+
+    Single-letter units (``50G``) are refused: tools disagree on whether they mean GB or GiB, and
+    7 % of a cap is a checkpoint evicted or kept.
+    """
+    value = str(text).strip()
+    if value.lower() in ("unlimited", "none"):
+        return None
+    usage = (
+        "expected a size such as 100GiB, 500MB or a number of bytes (units B, kB, MB, GB, TB, "
+        "KiB, MiB, GiB, TiB), or 'unlimited'"
+    )
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise SettingError(usage)
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise SettingError("expected a size > 0, e.g. 100GiB, or 'unlimited'")
+    return size
+
+
+def format_size(size: Optional[int]) -> str:
+    """The text :func:`parse_size` reads back: how a child process learns the cap."""
+    return "unlimited" if size is None else str(size)
 
 
 @dataclass(frozen=True)
@@ -222,8 +279,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("report", "directory for results.json, summary.md and plots", _path, None),
     Option(
         "models",
-        "model tier of the shipped suites: auto (tiny on cpu, full on accelerators), tiny, full",
-        _choice(MODEL_TIERS),
+        "models the shipped suites run: a tier (auto: tiny on cpu, full on accelerators; tiny; "
+        "full) or a comma-separated list of model names (catalog ids, registered names, "
+        "checkpoint directories)",
+        _models,
         "auto",
     ),
     Option("rounds", "timed rounds per workload (default 10, at least 5)", _int(5), 10),
@@ -256,6 +315,13 @@ OPTIONS: tuple[Option, ...] = (
         _path,
         None,
     ),
+    Option(
+        "cache_size",
+        "size cap of the checkpoint cache, e.g. 100GiB, 500MB or 'unlimited' (default 100GiB); "
+        "least recently used seeded checkpoints are evicted to stay under it",
+        parse_size,
+        DEFAULT_CACHE_SIZE,
+    ),
 )
 
 
@@ -283,6 +349,7 @@ class Settings:
     launcher: str = "auto"
     timeout: float = 3600.0
     cache_dir: Optional[str] = None
+    cache_size: Optional[int] = DEFAULT_CACHE_SIZE
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -449,7 +516,7 @@ def tool_table(pyproject: Path | None) -> dict[str, Any]:
 
 
 #: Keys of ``[tool.llmperf]``: project settings that are not options.
-TOOL_KEYS = ("device_aliases",)
+TOOL_KEYS = ("device_aliases", "models")
 #: ``llmperf baselines prune`` collects in a subprocess that writes the keys it found here.
 KEYS_OUT_ENV = "LLMPERF_KEYS_OUT"
 #: ``n/N``, set by ``llmperf baselines record`` for its runs: runs 2…N append to the history
@@ -540,6 +607,34 @@ def device_aliases(ini_lines: list[str], ini_source: str, pyproject: Path | None
         mapping.append((key, target))
     sources = sorted({source for _, _, source in pairs})
     return DeviceAliases(tuple(mapping), "; ".join(sources))
+
+
+def model_registry(models_file: str, ini_source: str, inidir: Path, pyproject: Path | None) -> Any:
+    """Models the project registered: ``[tool.llmperf.models]`` and the file ini
+    ``llmperf_models_file`` names (relative to the ini file); one name in both is an error."""
+    from .models import parse_registry, read_models_file
+
+    out: dict[str, Any] = {}
+    try:
+        if pyproject is not None:
+            table = tool_table(pyproject).get("models")
+            if table is not None:
+                where = f"{pyproject}: [tool.llmperf.models]"
+                out.update(parse_registry(table, where, pyproject.parent))
+        if models_file.strip():
+            path = Path(models_file.strip()).expanduser()
+            where = f"ini llmperf_models_file{ini_source}"
+            listed = read_models_file(path if path.is_absolute() else inidir / path, where)
+            both = sorted(set(out) & set(listed))
+            if both:
+                raise ValueError(
+                    f"{where}: {', '.join(both)} also registered in [tool.llmperf.models]; "
+                    "register each name once"
+                )
+            out.update(listed)
+    except ValueError as exc:
+        raise SettingError(str(exc)) from None
+    return out
 
 
 def check_directory(path: Path, source: str, *, must_write: bool, create: bool = False) -> None:

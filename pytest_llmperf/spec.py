@@ -22,10 +22,13 @@ from .errors import UsageError
 from .results import Record
 
 #: Workload kinds with a scenario (``scenarios/``); forward and dataset kinds arrive later.
-KINDS = ("generate",)
+KINDS = ("generate", "load")
 #: How much process isolation a workload asks for: none (the launcher's choice), a fresh
 #: process for the workload, or one per round (cold numbers).
 FRESH = ("no", "workload", "round")
+#: What the OS page cache holds of the checkpoint when a load starts (the load kind): nothing
+#: (its files evicted first) or all of it (read once first).
+FILE_CACHE = ("cold", "warm")
 
 
 def freeze_options(options: Optional[Mapping[str, Any]], where: str) -> str:
@@ -70,6 +73,13 @@ class WorkloadSpec:
     #: A directory holding this model's weights, set by a launcher that wrote the seeded
     #: weights to disk for its processes; the weight source stays what it describes.
     weights: Optional[str] = None
+    #: A model that is not a catalog id, resolved where the test ran (``ModelSpec.to_json`` as
+    #: canonical JSON: absolute paths, the registry's answer), so another process measures the
+    #: same model without knowing the project's registry or working directory.
+    model_source: Optional[str] = None
+    #: The load kind: the checkpoint's files evicted from the page cache before each load
+    #: (``cold``) or read once before it (``warm``); other kinds ignore it.
+    file_cache: str = "cold"
 
     @property
     def options(self) -> dict[str, Any]:
@@ -92,6 +102,9 @@ class WorkloadSpec:
         }
         if self.options:
             out["engine_options"] = self.options
+        if self.kind == "load":  # a load has no batch and no tokens, but a file cache
+            del out["batch_size"], out["new_tokens"]
+            out["file_cache"] = self.file_cache
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +148,8 @@ class WorkloadSpec:
             raise UsageError(f"prompt={self.prompt!r}: expected text")
         if self.fresh not in FRESH:
             raise UsageError(f"fresh={self.fresh!r}: expected one of {', '.join(FRESH)}")
+        if self.file_cache not in FILE_CACHE:
+            raise UsageError(f"file_cache={self.file_cache!r}: expected 'cold' or 'warm'")
 
 
 def _is_int(value: Any) -> bool:

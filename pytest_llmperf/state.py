@@ -83,6 +83,7 @@ class RunState:
                 LaunchSettings(
                     timeout=self.settings.timeout,
                     cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
+                    cache_size=self.settings.cache_size,
                 )
             )
         return self._launchers
@@ -211,6 +212,8 @@ class RunState:
         }
         if marker.gate is not None:
             kwargs["gate"] = marker.gate
+        elif override and "gate" in override:  # the workload's kind's own (llmperf.load)
+            kwargs["gate"] = override["gate"]
         return verdict.GateSettings(**kwargs)
 
     def judge(

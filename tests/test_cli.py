@@ -77,24 +77,46 @@ def usage_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
 # -- models --------------------------------------------------------------------------------
 
 
-def test_models_lists_the_catalog(capsys):
+def test_models_lists_the_catalog_with_bytes_per_dtype(capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == [
-        "id",
+        "name",
         "family",
-        "tier",
+        "selected",
         "parameters",
+        "fp32",
         "bf16",
-        "weights",
-        "checkpoint",
+        "int8",
+        "int4",
+        "source",
     ]
     ids = [line.split()[0] for line in lines[2:]]
-    assert "tiny-bloom" in ids
-    assert "bloom-176b" in ids
+    assert {"tiny-bloom", "bloom-176b", "mixtral-8x7b", "tiny-qwen2"} <= set(ids)
     bloom = next(line for line in lines if line.startswith("bloom-176b"))
-    assert "bigscience/bloom" in bloom and " full " in bloom
+    assert "bigscience/bloom" in bloom and " full " in bloom and "328.29 GiB" in bloom
+    mixtral = next(line for line in lines if line.startswith("mixtral-8x7b"))
+    assert "46,702.8 M" in mixtral and "by name" in mixtral
+
+
+def test_models_lists_the_projects_registered_models(capsys, tmp_path, monkeypatch):
+    (tmp_path / "shape.json").write_text(
+        '{"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, '
+        '"num_hidden_layers": 2, "num_key_value_heads": 2, "intermediate_size": 128, '
+        '"vocab_size": 512}',
+        encoding="utf-8",
+    )
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.llmperf.models]\nmy-shape = "shape.json"\ngone = "./missing"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "models")
+    assert code == 1  # one registered model is broken: listed as an error, the rest shown
+    row = next(line for line in out.splitlines() if line.startswith("my-shape"))
+    assert "mistral" in row and "registered" in row and "seeded weights" in row
+    assert "gone: no such checkpoint directory" in err
 
 
 # -- baselines show ------------------------------------------------------------------------

@@ -25,7 +25,15 @@ PUBLIC_PARAMS = {
     "bloom-176b": 176_247_271_424,
     "llama-2-7b": 6_738_415_616,
     "gpt2": 124_439_808,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen2.5-7b": 7_615_616_512,
 }
+#: Config-only entries for current models: run when named, not by the tier's suites.
+EXTRA_TINY = ["tiny-mistral", "tiny-mixtral", "tiny-qwen2"]
+EXTRA_FULL = ["llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b"]
 
 
 @pytest.fixture
@@ -73,7 +81,7 @@ def _greedy(model, tokens: int = 12):
 
 
 def test_catalog_lists_exact_ids_by_tier():
-    assert set(models.catalog()) == set(TINY + FULL)
+    assert set(models.catalog()) == set(TINY + FULL + EXTRA_TINY + EXTRA_FULL)
     assert models.models_for_tier("tiny") == TINY
     assert models.models_for_tier("full") == FULL
     for spec in models.catalog().values():
@@ -84,13 +92,18 @@ def test_catalog_lists_exact_ids_by_tier():
 
 
 def test_full_models_point_at_the_public_checkpoints():
-    hf_ids = {mid: models.get(mid).hf_id for mid in FULL}
+    hf_ids = {mid: models.get(mid).hf_id for mid in FULL + EXTRA_FULL}
     assert hf_ids == {
         "bloom-560m": "bigscience/bloom-560m",
         "bloomz-7b1": "bigscience/bloomz-7b1",
         "bloom-176b": "bigscience/bloom",
         "llama-2-7b": "meta-llama/Llama-2-7b-hf",
         "gpt2": "openai-community/gpt2",
+        "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+        "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+        "mistral-7b": "mistralai/Mistral-7B-v0.1",
+        "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+        "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     }
 
 
@@ -100,7 +113,8 @@ def test_unknown_model_error_names_the_id_and_lists_the_known_ones():
     message = str(excinfo.value)
     assert message == (
         "unknown model 'bloom-7b'; known: bloom-176b, bloom-560m, bloomz-7b1, gpt2, llama-2-7b, "
-        "tiny-bloom, tiny-gpt2, tiny-llama"
+        "llama-3.1-70b, llama-3.1-8b, mistral-7b, mixtral-8x7b, qwen2.5-7b, tiny-bloom, "
+        "tiny-gpt2, tiny-llama, tiny-mistral, tiny-mixtral, tiny-qwen2"
     )
     assert "\n" not in message
 
@@ -128,7 +142,7 @@ def test_importing_the_catalog_loads_no_heavy_library():
 # --- shapes and memory -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_id", FULL)
+@pytest.mark.parametrize("model_id", FULL + EXTRA_FULL)
 def test_param_count_matches_public_checkpoint(model_id):
     count = models.get(model_id).param_count()
     assert abs(count - PUBLIC_PARAMS[model_id]) <= 0.02 * PUBLIC_PARAMS[model_id]
@@ -152,6 +166,9 @@ def test_param_breakdown_matches_transformers_modules():
                 bias += module.bias.numel() if module.bias is not None else 0
             elif "norm" in type(module).__name__.lower():
                 norm += sum(p.numel() for p in module.parameters(recurse=False))
+            elif not isinstance(module, torch.nn.Embedding) and not name.endswith("lm_head"):
+                # Fused MoE expert tensors (transformers 5's Mixtral) and routers.
+                linear += sum(p.numel() for p in module.parameters(recurse=False) if p.ndim >= 2)
         expected = spec.param_breakdown()
         assert (linear, bias, norm) == (expected["linear"], expected["bias"], expected["norm"])
         assert sum(p.numel() for p in model.parameters()) == spec.param_count(), spec.id

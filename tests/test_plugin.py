@@ -508,7 +508,7 @@ def test_unknown_model_is_a_one_line_failure_listing_the_known_ids(project):
     )
     result = project.runpytest(FAKE)
     result.assert_outcomes(failed=1)
-    message = "llmperf.generate(model=...): unknown model 'nope'; known: bloom-176b, "
+    message = "llmperf.generate(model=...): unknown model 'nope': not a catalog id, "
     body = [line for line in result.stdout.lines if line.startswith(message)]
     assert len(body) == 1
     assert "tiny-bloom" in body[0]
@@ -533,7 +533,7 @@ def test_unknown_model_and_dtype_fail_the_test_with_what_is_known(project):
     result.assert_outcomes(failed=3)
     result.stdout.fnmatch_lines_random(
         [
-            "llmperf.generate(model=...): unknown model 'nope'; known: bloom-176b*tiny-bloom*",
+            "llmperf.generate(model=...): unknown model 'nope': *known: bloom-176b*tiny-bloom*",
             "llmperf.generate(dtype='fp8'): unknown dtype; known: fp32, fp16, bf16, int8, int4",
             "llmperf.generate(engine=...): unknown engine 'vllm'; known: *transformers*",
         ]

@@ -72,10 +72,11 @@ class TransformersEngine(Engine):
         if reason or spec.devices == 1:
             return reason
         from .. import models
+        from ..execute import model_of
 
         # Several devices are transformers' own tensor parallelism, which needs the model's
         # tensor-parallel plan (BLOOM and GPT-2 have none; DeepSpeed-inference covers them).
-        model = models.get(spec.model)
+        model = model_of(spec)
         if not models.has_tp_plan(model):
             return (
                 f"{spec.model} on {spec.devices} devices: transformers has no tensor-parallel "
@@ -86,8 +87,20 @@ class TransformersEngine(Engine):
     def load(
         self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore
     ) -> LoadedModel:
+        """``from_pretrained`` from a directory, as users load: the real checkpoint, or the
+        seeded one the store writes once, so ``load_time_s`` is file I/O plus initialization.
+        Seeded weights too large for the cache or the disk (a 70B shape on a small node) are
+        built directly on the device instead, and the note says so."""
         from .. import models
 
+        directory = spec.weights or spec.options.get("checkpoint")
+        note, stored = "", None
+        if directory is None and spec.devices == 1:
+            try:
+                path, stored = store.checkpoint(model, spec.dtype, spec.seed)
+                directory = str(path)
+            except OSError as exc:
+                note = f"seeded weights built on the device, not loaded from disk: {exc}"
         backend.synchronize()
         start = backend.clock()
         loaded, source = models.build_model(
@@ -95,7 +108,7 @@ class TransformersEngine(Engine):
             spec.dtype,
             device=backend.torch_device,
             seed=spec.seed,
-            checkpoint=spec.weights or spec.options.get("checkpoint"),
+            checkpoint=directory,
             tensor_parallel=spec.devices > 1,
         )
         loaded = backend.prepare(loaded)
@@ -106,11 +119,12 @@ class TransformersEngine(Engine):
             model=loaded,
             tokenizer=tokenizer,
             real_tokenizer=real,
-            weight_source=source,
+            weight_source=stored or source,
             weight_bytes=self.weight_bytes(model, spec.dtype),
             load_time_s=load_time,
             dtype=spec.dtype,
             devices=spec.devices,
+            note=note,
         )
 
     def generate(

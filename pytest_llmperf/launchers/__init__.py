@@ -22,7 +22,8 @@ from typing import Optional
 
 from ..errors import UsageError
 from ..execute import ModelCache
-from ..models.store import CACHE_DIR_ENV, CheckpointStore, default_cache_dir
+from ..models.store import CACHE_DIR_ENV, CACHE_SIZE_ENV, CheckpointStore, default_cache_dir
+from ..settings import DEFAULT_CACHE_SIZE, format_size
 from ..spec import WorkloadSpec
 from .base import Launcher
 from .inline import InlineLauncher
@@ -38,11 +39,22 @@ class LaunchSettings:
     timeout: float = 3600.0
     #: Where seeded checkpoints for ranks are written (once, atomically).
     cache_dir: Path = field(default_factory=default_cache_dir)
+    #: Size cap of that cache in bytes (None: unlimited); children evict under the same cap.
+    cache_size: Optional[int] = DEFAULT_CACHE_SIZE
     python: str = sys.executable
 
     def child_env(self) -> dict[str, str]:
-        """The environment of a worker or rank: this one, plus where the checkpoint cache is."""
-        return {**os.environ, CACHE_DIR_ENV: str(self.cache_dir)}
+        """The environment of a worker or rank: this one, plus where the checkpoint cache is
+        and its cap."""
+        return {
+            **os.environ,
+            CACHE_DIR_ENV: str(self.cache_dir),
+            CACHE_SIZE_ENV: format_size(self.cache_size),
+        }
+
+    def store(self) -> CheckpointStore:
+        """The checkpoint cache these settings describe."""
+        return CheckpointStore(self.cache_dir, self.cache_size)
 
 
 class Launchers:
@@ -52,11 +64,7 @@ class Launchers:
         self, settings: Optional[LaunchSettings] = None, cache: Optional[ModelCache] = None
     ):
         self.settings = settings or LaunchSettings()
-        self.cache = (
-            cache
-            if cache is not None
-            else ModelCache(store=CheckpointStore(self.settings.cache_dir))
-        )
+        self.cache = cache if cache is not None else ModelCache(store=self.settings.store())
         self._made: dict[str, Launcher] = {}
 
     def choose(self, spec: WorkloadSpec, requested: str) -> Launcher:

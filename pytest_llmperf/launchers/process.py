@@ -238,6 +238,7 @@ def merge_rounds(records: list[Record]) -> Record:
         )
     merged.workload["rounds"] = len(records)
     merged.workload["fresh"] = "round"
-    notes = {r.note for r in records if r.note}
-    merged.note = "; ".join(["each round measured in a fresh process", *sorted(notes)])
+    # Sentence by sentence, in order: every round says how the engine ran, once is enough.
+    notes = dict.fromkeys(part for r in records for part in r.note.split("; ") if part)
+    merged.note = "; ".join(["each round measured in a fresh process", *notes])
     return merged

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from ..backends.base import Backend
 from ..errors import SkipWorkload
-from ..models.store import CheckpointStore
+from ..execute import model_of
 from ..results import Record
 from ..spec import RecordContext, WorkloadSpec
 from . import LaunchSettings
@@ -65,15 +65,12 @@ class TorchrunLauncher(Launcher):
 
     def _with_weights(self, spec: WorkloadSpec) -> WorkloadSpec:
         """The spec with a checkpoint directory every rank loads (a seeded one written once)."""
-        from .. import models
 
         if spec.weights is not None or spec.options.get("checkpoint"):
             return spec
-        model = models.get(spec.model)
+        model = model_of(spec)
         try:
-            directory, _ = CheckpointStore(self.settings.cache_dir).checkpoint(
-                model, spec.dtype, spec.seed
-            )
+            directory, _ = self.settings.store().checkpoint(model, spec.dtype, spec.seed)
         except OSError as exc:
             raise SkipWorkload(str(exc)) from None
         return replace(spec, weights=str(directory))

@@ -27,6 +27,7 @@ from .catalog import (
     models_for_tier,
     torch_dtype,
 )
+from .registry import Registration, lookup, parse_registry, read_models_file
 from .tokenizer import build_tokenizer, encode_prompt
 from .weights import (
     build_model,
@@ -49,6 +50,7 @@ __all__ = [
     "TIERS",
     "ModelShape",
     "ModelSpec",
+    "Registration",
     "build_model",
     "build_tokenizer",
     "catalog",
@@ -60,6 +62,9 @@ __all__ = [
     "get",
     "has_tp_plan",
     "hf_cache_snapshot",
+    "lookup",
+    "parse_registry",
+    "read_models_file",
     "models_for_tier",
     "save_seeded",
     "seeded_dir",

@@ -18,7 +18,11 @@ from typing import Any, Optional
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 TIERS = ("tiny", "full")
-FAMILIES = ("bloom", "llama", "gpt2")
+#: Families of the catalog. Any other ``AutoModelForCausalLM`` architecture works from disk or a
+#: registry; its parameters are counted on the meta device instead of from formulas.
+FAMILIES = ("bloom", "llama", "gpt2", "mistral", "mixtral", "qwen2")
+# Families whose parameters are counted from the config by formula (no torch needed).
+_CLOSED_FORM = ("bloom", "gpt2", "llama", "mistral", "mixtral", "qwen2")
 
 # Bytes per weight. int8/int4 are bitsandbytes formats: only the Linear layers of the blocks are
 # quantized, everything else stays 16-bit (see _quantized_bytes).
@@ -97,22 +101,40 @@ class ModelShape:
     tie_word_embeddings: bool
 
 
+#: Where a model's description comes from: a shipped config (catalog), a checkpoint directory,
+#: the local HF cache, or a config.json alone (shape only, seeded weights).
+SOURCES = ("catalog", "directory", "hf-cache", "config")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One catalog entry. Frozen so it can key caches and be shared across tests safely."""
+    """One model: a catalog entry, or a model from disk or a project's registry.
+
+    Frozen so it can key caches and be shared across tests safely. ``id`` is the name the test
+    gave (a catalog id, a registered name, a path as written): it is what baselines are keyed
+    by, so it never holds a resolved absolute path.
+    """
 
     id: str
     family: str
     tier: str
     config_file: str
     hf_id: Optional[str]
+    #: In the default selection of the shipped suites (``--llmperf-models tiny|full``); other
+    #: catalog entries run when named.
+    suite: bool = True
+    source: str = "catalog"
+    #: The checkpoint directory of a ``directory`` or ``hf-cache`` model.
+    location: Optional[str] = None
+    #: The project allowed this model's own code (``trust_remote_code``); never implied.
+    trust_remote_code: bool = False
 
     @property
     def config_path(self) -> Path:
-        return CONFIG_DIR / self.config_file
+        return CONFIG_DIR / self.config_file if self.source == "catalog" else Path(self.config_file)
 
     def config_dict(self) -> dict[str, Any]:
-        """The shipped config.json; a fresh copy, so callers may edit it without corrupting the
+        """The config.json; a fresh copy, so callers may edit it without corrupting the
         per-process cache."""
         return copy.deepcopy(_load_config(str(self.config_path)))
 
@@ -126,7 +148,10 @@ class ModelSpec:
         Split because quantizers treat kinds differently: bitsandbytes quantizes block Linear
         weights and keeps embeddings, norms and biases in 16 bit.
         """
-        return _param_breakdown(self.family, self.shape(), self.config_dict())
+        cfg = self.config_dict()
+        if self.family in _CLOSED_FORM:
+            return _param_breakdown(self.family, self.shape(), cfg)
+        return _counted_breakdown(str(self.config_path), self.trust_remote_code)
 
     def param_count(self) -> int:
         """Counted from the config, tied embeddings once, matching
@@ -140,6 +165,42 @@ class ModelSpec:
         if dtype in ("fp32", "fp16", "bf16"):
             return int(sum(parts.values()) * DTYPE_BYTES[dtype])
         return _quantized_bytes(parts, dtype)
+
+    def describe(self) -> str:
+        """Where the model comes from, for listings and provenance."""
+        if self.source == "catalog":
+            return self.hf_id or "(synthetic only)"
+        if self.source == "config":
+            return f"config {self.config_file} (seeded weights)"
+        return f"{self.source} {self.hf_id or self.location}"
+
+    def to_json(self) -> dict[str, Any]:
+        """What crosses a process boundary for a model that is not a catalog id."""
+        return {
+            "id": self.id,
+            "family": self.family,
+            "config_file": self.config_file,
+            "hf_id": self.hf_id,
+            "source": self.source,
+            "location": self.location,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        if not isinstance(data, dict) or data.get("source") not in SOURCES[1:]:
+            raise ValueError("model source: expected an object with a non-catalog source")
+        return cls(
+            id=str(data["id"]),
+            family=str(data["family"]),
+            tier="",
+            config_file=str(data["config_file"]),
+            hf_id=data.get("hf_id"),
+            suite=False,
+            source=str(data["source"]),
+            location=data.get("location"),
+            trust_remote_code=bool(data.get("trust_remote_code")),
+        )
 
 
 def _quantized_bytes(parts: dict[str, int], dtype: str) -> int:
@@ -162,6 +223,28 @@ _ENTRIES: tuple[ModelSpec, ...] = (
     ModelSpec("bloom-176b", "bloom", "full", "bloom-176b.json", "bigscience/bloom"),
     ModelSpec("llama-2-7b", "llama", "full", "llama-2-7b.json", "meta-llama/Llama-2-7b-hf"),
     ModelSpec("gpt2", "gpt2", "full", "gpt2.json", "openai-community/gpt2"),
+    # Current models, config only: run when named (model=..., --llmperf-models=NAME,...).
+    ModelSpec("tiny-mistral", "mistral", "tiny", "tiny-mistral.json", None, suite=False),
+    ModelSpec("tiny-mixtral", "mixtral", "tiny", "tiny-mixtral.json", None, suite=False),
+    ModelSpec("tiny-qwen2", "qwen2", "tiny", "tiny-qwen2.json", None, suite=False),
+    ModelSpec(
+        "llama-3.1-8b", "llama", "full", "llama-3.1-8b.json", "meta-llama/Llama-3.1-8B", False
+    ),
+    ModelSpec(
+        "llama-3.1-70b", "llama", "full", "llama-3.1-70b.json", "meta-llama/Llama-3.1-70B", False
+    ),
+    ModelSpec(
+        "mistral-7b", "mistral", "full", "mistral-7b.json", "mistralai/Mistral-7B-v0.1", False
+    ),
+    ModelSpec(
+        "mixtral-8x7b",
+        "mixtral",
+        "full",
+        "mixtral-8x7b.json",
+        "mistralai/Mixtral-8x7B-v0.1",
+        False,
+    ),
+    ModelSpec("qwen2.5-7b", "qwen2", "full", "qwen2.5-7b.json", "Qwen/Qwen2.5-7B", False),
 )
 
 
@@ -186,7 +269,7 @@ def models_for_tier(tier: str) -> list[str]:
     """Ids of one tier; "auto" is resolved by the plugin (it depends on the backend), not here."""
     if tier not in TIERS:
         raise ValueError(f"unknown model tier {tier!r}; known: {', '.join(TIERS)}")
-    return [spec.id for spec in _ENTRIES if spec.tier == tier]
+    return [spec.id for spec in _ENTRIES if spec.tier == tier and spec.suite]
 
 
 def estimate_generation_bytes(
@@ -254,11 +337,24 @@ def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 def _shape(family: str, cfg: dict[str, Any]) -> ModelShape:
     # Key aliases follow the transformers config classes (BloomConfig accepts the legacy
-    # "n_embed" that bigscience/bloom's own config.json still uses).
+    # "n_embed" that bigscience/bloom's own config.json still uses; GPT-2, GPT-J, Falcon,
+    # Phi and OPT spell the same fields their own way).
+    hidden = _first(cfg, "hidden_size", "n_embed", "n_embd", "d_model", "dim")
+    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    vocab = _first(cfg, "vocab_size", "padded_vocab_size")
+    missing = [
+        name
+        for name, value in (("hidden size", hidden), ("heads", heads), ("layers", layers))
+        if not isinstance(value, int)
+    ]
+    if missing or not isinstance(vocab, int):
+        raise ValueError(
+            f"config of a {family!r} model: cannot read its {', '.join(missing or ['vocab'])} "
+            "(no hidden_size / num_attention_heads / num_hidden_layers / vocab_size or their "
+            "usual aliases)"
+        )
     if family == "bloom":
-        hidden = _first(cfg, "n_embed", "hidden_size")
-        heads = _first(cfg, "n_head", "num_attention_heads")
-        layers = _first(cfg, "n_layer", "num_hidden_layers")
         return ModelShape(
             num_layers=layers,
             hidden_size=hidden,
@@ -266,39 +362,28 @@ def _shape(family: str, cfg: dict[str, Any]) -> ModelShape:
             num_kv_heads=heads,
             head_dim=hidden // heads,
             intermediate_size=4 * hidden,  # BloomMLP hard-codes 4h and ignores n_inner
-            vocab_size=cfg["vocab_size"],
+            vocab_size=vocab,
             max_positions=None,
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
         )
-    if family == "gpt2":
-        hidden = _first(cfg, "n_embd", "hidden_size")
-        heads = _first(cfg, "n_head", "num_attention_heads")
-        return ModelShape(
-            num_layers=_first(cfg, "n_layer", "num_hidden_layers"),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            intermediate_size=_first(cfg, "n_inner", default=4 * hidden),
-            vocab_size=cfg["vocab_size"],
-            max_positions=_first(cfg, "n_positions", "max_position_embeddings"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-        )
-    if family == "llama":
-        hidden = cfg["hidden_size"]
-        heads = cfg["num_attention_heads"]
-        return ModelShape(
-            num_layers=cfg["num_hidden_layers"],
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=_first(cfg, "num_key_value_heads", default=heads),
-            head_dim=_first(cfg, "head_dim", default=hidden // heads),
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            max_positions=cfg.get("max_position_embeddings"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        )
-    raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    kv_heads = _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads")
+    if kv_heads is None:
+        # Falcon's multi-query attention: one K/V head unless new_decoder_architecture.
+        kv_heads = 1 if cfg.get("multi_query") and not cfg.get("num_kv_heads") else heads
+    default_tie = family == "gpt2"
+    return ModelShape(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_first(cfg, "head_dim", default=hidden // heads),
+        intermediate_size=_first(
+            cfg, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim", default=4 * hidden
+        ),
+        vocab_size=vocab,
+        max_positions=_first(cfg, "max_position_embeddings", "n_positions", "n_ctx"),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", default_tie),
+    )
 
 
 def _param_breakdown(family: str, s: ModelShape, cfg: dict[str, Any]) -> dict[str, int]:
@@ -314,14 +399,63 @@ def _param_breakdown(family: str, s: ModelShape, cfg: dict[str, Any]) -> dict[st
         linear = n_layers * (3 * h * h + h * h + 2 * h * inter)
         bias = n_layers * (3 * h + h + inter + h)
         norm = n_layers * 4 * h + 2 * h
-    else:  # llama
+    else:  # llama and its relatives: RMSNorm, gated MLP, grouped-query attention
         q_out = s.num_heads * s.head_dim
         kv_out = s.num_kv_heads * s.head_dim
-        linear = n_layers * (h * q_out + 2 * h * kv_out + q_out * h + 3 * h * inter)
+        attention = h * q_out + 2 * h * kv_out + q_out * h
+        if family == "mixtral":
+            experts = int(cfg.get("num_local_experts", 8))
+            mlp = experts * 3 * h * inter + h * experts  # experts + router
+        else:
+            mlp = 3 * h * inter
+        linear = n_layers * (attention + mlp)
         bias = 0
-        if cfg.get("attention_bias"):
+        if family == "qwen2":
+            bias += n_layers * (q_out + 2 * kv_out)  # Qwen2 biases q, k and v, not o
+        elif cfg.get("attention_bias"):
             bias += n_layers * (q_out + 2 * kv_out + h)
         if cfg.get("mlp_bias"):
             bias += n_layers * (2 * inter + h)
         norm = n_layers * 2 * h + h
     return {"embedding": embedding, "linear": linear, "bias": bias, "norm": norm}
+
+
+@functools.cache
+def _counted_breakdown(config_path: str, trust_remote_code: bool) -> dict[str, int]:
+    """Parameters by kind of an architecture without a formula here, counted on the meta device.
+
+    Costs importing torch and transformers (never during collection: only when a model from
+    disk is measured or listed) and no memory. Kinds: embedding tables and the LM head are
+    ``embedding``, other tensors of two or more dimensions ``linear`` (fused MoE expert tensors
+    too), 1-D ``bias`` or ``norm`` by name.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        str(Path(config_path).parent) if Path(config_path).name == "config.json" else config_path,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+    )
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # accelerate's meta init unties them; the checkpoint holds one copy
+    head = model.get_output_embeddings()
+    parts = {"embedding": 0, "linear": 0, "bias": 0, "norm": 0}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, torch.nn.Embedding) or module is head:
+                kind = "embedding"
+            elif param.ndim >= 2:
+                kind = "linear"
+            elif "norm" in type(module).__name__.lower():
+                kind = "norm"
+            else:
+                kind = "bias" if name.endswith("bias") else "norm"
+            parts[kind] += param.numel()
+    return parts

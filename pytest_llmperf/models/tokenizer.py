@@ -54,7 +54,11 @@ def _tokenizer_dir(spec: ModelSpec, checkpoint: Optional[str]) -> Optional[Path]
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         candidates.append(path if path.is_dir() else hf_cache_snapshot(checkpoint))
-    if spec.hf_id:
+    if spec.location:
+        candidates.append(Path(spec.location))
+    elif spec.source == "config":
+        candidates.append(spec.config_path.parent)  # a tokenizer shipped next to the shape
+    elif spec.hf_id:
         candidates.append(hf_cache_snapshot(spec.hf_id))
     for directory in candidates:
         if directory is not None and any((directory / f).is_file() for f in _TOKENIZER_FILES):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import queue
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,10 +65,14 @@ def build_model(
             source = seeded_source(directory)
         else:
             source = f"checkpoint:{label}@{short_hash}"
-        return _load_checkpoint(directory, tdtype, device, tensor_parallel), source
+        return (
+            _load_checkpoint(directory, tdtype, device, tensor_parallel, spec.trust_remote_code),
+            source,
+        )
     real = real_checkpoint(spec)
     if real is not None:
-        return _load_checkpoint(real[0], tdtype, device, tensor_parallel), real[1]
+        model = _load_checkpoint(real[0], tdtype, device, tensor_parallel, spec.trust_remote_code)
+        return model, real[1]
     if tensor_parallel:
         raise ValueError(
             f"{spec.id}: tensor parallelism loads from a checkpoint directory; write the seeded "
@@ -79,7 +84,19 @@ def build_model(
 
 
 def real_checkpoint(spec: ModelSpec) -> Optional[tuple[Path, str]]:
-    """(directory, weight source) of the model's real weights on this machine, or None."""
+    """(directory, weight source) of the model's real weights on this machine, or None.
+
+    The source names the model as the test did plus a content hash, never an absolute path:
+    it feeds the output digest, which must not change when a checkout moves.
+    """
+    if spec.source == "directory" and spec.location:
+        directory = Path(spec.location)
+        return directory, f"checkpoint:{spec.id}@{checkpoint_fingerprint(directory)}"
+    if spec.source == "hf-cache" and spec.location:
+        directory = Path(spec.location)
+        return directory, f"checkpoint:{spec.hf_id}@{directory.name[:12]}"
+    if spec.source != "catalog":
+        return None
     snapshot = hf_cache_snapshot(spec.hf_id, need_weights=True) if spec.hf_id else None
     if snapshot is None:
         return None
@@ -94,7 +111,13 @@ def seeded_source(directory: Path) -> str:
 
 
 def seeded_dir(cache_dir: Path, spec: ModelSpec, dtype: str, seed: int) -> Path:
-    return Path(cache_dir) / "weights" / f"{spec.id}-{dtype}-seed{seed}-g{GENERATOR_VERSION}"
+    """Catalog ids name their directory; a model from disk is named by a hash of its config
+    too (its name may be a path, and an edited config is another model)."""
+    name = spec.id
+    if spec.source != "catalog":
+        digest = hashlib.sha256(spec.config_path.read_bytes()).hexdigest()[:10]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.id).strip("._")[:60] + f"-{digest}"
+    return Path(cache_dir) / "weights" / f"{name}-{dtype}-seed{seed}-g{GENERATOR_VERSION}"
 
 
 def save_seeded(spec: ModelSpec, dtype: str, seed: int, cache_dir: Path) -> Path:
@@ -139,12 +162,20 @@ def save_seeded(spec: ModelSpec, dtype: str, seed: int, cache_dir: Path) -> Path
     return target
 
 
-def has_tp_plan(spec: ModelSpec) -> bool:
-    """Whether transformers can shard this architecture over devices (a tensor-parallel plan)."""
+def hf_config(spec: ModelSpec) -> Any:
+    """The transformers config object of ``spec`` (its own code only if the project trusts it)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(**spec.config_dict())
-    return bool(getattr(config, "base_model_tp_plan", None))
+    if spec.trust_remote_code:
+        return AutoConfig.from_pretrained(
+            str(spec.config_path.parent), trust_remote_code=True, local_files_only=True
+        )
+    return AutoConfig.for_model(**spec.config_dict())
+
+
+def has_tp_plan(spec: ModelSpec) -> bool:
+    """Whether transformers can shard this architecture over devices (a tensor-parallel plan)."""
+    return bool(getattr(hf_config(spec), "base_model_tp_plan", None))
 
 
 def dtype_kwargs(tdtype: Any) -> dict[str, Any]:
@@ -174,12 +205,12 @@ def hf_cache_snapshot(hf_id: str, need_weights: bool = False) -> Optional[Path]:
     if not isinstance(found, str):  # None, or the "known not to exist" sentinel
         return None
     snapshot = Path(found).parent
-    if need_weights and not _has_safetensors(snapshot):
+    if need_weights and not has_safetensors(snapshot):
         return None
     return snapshot
 
 
-def _has_safetensors(directory: Path) -> bool:
+def has_safetensors(directory: Path) -> bool:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -195,7 +226,7 @@ def _resolve_checkpoint(spec: ModelSpec, checkpoint: str) -> tuple[Path, str, st
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"checkpoint {checkpoint!r}: no config.json in {path}")
-        if not _has_safetensors(path):
+        if not has_safetensors(path):
             raise ValueError(
                 f"checkpoint {checkpoint!r}: no complete set of *.safetensors files in {path}"
             )
@@ -256,13 +287,21 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...], config_digest: str) ->
 
 
 def _load_checkpoint(
-    directory: Path, tdtype: Any, device: str, tensor_parallel: bool = False
+    directory: Path,
+    tdtype: Any,
+    device: str,
+    tensor_parallel: bool = False,
+    trust_remote_code: bool = False,
 ) -> Any:
     from transformers import AutoModelForCausalLM
 
     # Typed as Any: transformers' decorated from_pretrained confuses type checkers.
     loader: Any = AutoModelForCausalLM
-    kwargs = {"local_files_only": True, **dtype_kwargs(tdtype)}
+    kwargs = {
+        "local_files_only": True,
+        "trust_remote_code": trust_remote_code,
+        **dtype_kwargs(tdtype),
+    }
     if tensor_parallel:
         kwargs.update(_tensor_parallel_kwargs())
         return loader.from_pretrained(str(directory), **kwargs).eval()
@@ -292,14 +331,16 @@ def _build_random(spec: ModelSpec, tdtype: Any, device: str, seed: int) -> Any:
     """
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cfg = spec.config_dict()
-    config = AutoConfig.for_model(**cfg)
+    config = hf_config(spec)
     # include_buffers=False: buffers (RoPE inv_freq) are computed at construction and must stay
     # real; only parameters go to meta.
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(tdtype))
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=spec.trust_remote_code, **dtype_kwargs(tdtype)
+        )
     # accelerate's patched register_parameter re-wraps every assigned Parameter, which unties
     # lm_head from the input embeddings; re-tie before materializing so they stay one tensor.
     model.tie_weights()

@@ -155,6 +155,8 @@ _FIRST_ONLY = ("load_time_s", "warmup_s")
 
 def _carry(first: Record, chosen: Record) -> None:
     for name in _FIRST_ONLY:
+        if name == chosen.main_metric:  # a load record: each measurement's rounds are loads
+            continue
         if name in first.metrics:
             chosen.metrics[name] = first.metrics[name]
         else:

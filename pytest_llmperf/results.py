@@ -91,7 +91,8 @@ class Record:
 
     @property
     def main_metric(self) -> str:
-        """The headline metric: ``e2e_latency_s`` for generate, ``time_s`` for measure."""
+        """The headline metric: ``e2e_latency_s`` for generate, ``time_s`` for measure,
+        ``load_time_s`` for load."""
         return main_metric(self.metrics)
 
     @property

@@ -38,7 +38,14 @@ ENGINE_IDS = (
     "optimum-neuron",
 )
 
-_MODULES = {"transformers": ("hf_transformers", "TransformersEngine")}
+_MODULES = {
+    "transformers": ("hf_transformers", "TransformersEngine"),
+    "accelerate": ("accelerate", "AccelerateEngine"),
+    "bnb-int8": ("bnb", "BnbInt8Engine"),
+    "bnb-4bit": ("bnb", "Bnb4bitEngine"),
+    "deepspeed-inference": ("deepspeed_inference", "DeepSpeedInferenceEngine"),
+    "deepspeed-zero": ("deepspeed_zero", "DeepSpeedZeroEngine"),
+}
 _instances: dict[str, Engine] = {}
 
 

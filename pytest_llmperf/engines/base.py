@@ -59,6 +59,13 @@ class Engine:
     #: The engine can take the interpreter down (a native crash in its library): the ``auto``
     #: launcher runs it in a child process, so a crash is an ``error`` record, not a lost session.
     may_crash: ClassVar[bool] = False
+    #: Modules ``load`` needs, imported before it: ``llmperf.load`` times their import apart
+    #: (``import_s``), so a cold start's interpreter cost is not read as the engine's load time.
+    #: Every built-in engine loads through transformers' ``from_pretrained``; most of its import
+    #: is ``transformers.modeling_utils``, which ``import transformers`` alone defers. An engine
+    #: whose own library is safe to import plainly adds it; one that is not (DeepSpeed picks its
+    #: accelerator at import) imports it in ``load``.
+    libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "transformers.modeling_utils")
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raise UsageError naming an unknown option or one of the wrong type."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 from ..errors import UsageError
 from .base import Scenario
 from .generate import GenerateScenario
+from .load import LoadScenario
 
 __all__ = ["Scenario", "get_scenario"]
 
-_SCENARIOS: dict[str, Scenario] = {s.kind: s for s in (GenerateScenario(),)}
+_SCENARIOS: dict[str, Scenario] = {s.kind: s for s in (GenerateScenario(), LoadScenario())}
 
 
 def get_scenario(kind: str) -> Scenario:

@@ -1,9 +1,10 @@
-"""The scenario protocol: one per workload kind (generate today; forward and dataset kinds
-arrive with their suites).
+"""The scenario protocol: one per workload kind (generate and load today; forward and dataset
+kinds arrive with their suites).
 
 A scenario knows what one call of its kind is and what comes out of it; everything around it
 (resolving the model and engine, the memory check, loading, the timing loop, OOM handling) is
-:func:`pytest_llmperf.execute.execute`, shared by every kind.
+:func:`pytest_llmperf.execute.execute`, shared by every kind. The load kind is the one whose
+workload *is* the loading: execute hands it its own load step instead (``load_rounds``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,24 @@ if TYPE_CHECKING:
     from ..engines.base import Engine, LoadedModel
     from ..measure import Timing
     from ..models import ModelSpec
+    from ..models.store import CheckpointStore
     from ..results import Record
     from ..spec import WorkloadSpec
 
 #: One call of the workload; given a per-token hook (or None) it returns the call's output.
 Call = Callable[[Optional[Callable[[], None]]], Any]
+#: execute's load step, from the checkpoint store given: drops the resident model, loads, keeps
+#: the new one as the one resident; None when it ran out of memory (the record says so).
+Loader = Callable[["CheckpointStore"], "Optional[LoadedModel]"]
 
 
 class Scenario:
     kind: ClassVar[str] = ""
     #: What one call does, for messages ("out of memory while generating").
     activity: ClassVar[str] = "running"
+    #: Loading is what this kind measures: execute loads nothing first and calls
+    #: :meth:`load_rounds` instead of ``prepare``/``call``/``fill``.
+    measures_load: ClassVar[bool] = False
 
     def validate(self, spec: WorkloadSpec, model: ModelSpec) -> None:
         """Usage errors that need no loaded model (raise errors.UsageError)."""
@@ -65,4 +73,18 @@ class Scenario:
         backend: Backend,
     ) -> None:
         """The kind's metrics from the timing (the common ones are filled by execute)."""
+        raise NotImplementedError
+
+    def load_rounds(
+        self,
+        spec: WorkloadSpec,
+        engine: Engine,
+        backend: Backend,
+        store: CheckpointStore,
+        record: Record,
+        load: Loader,
+    ) -> Optional[Timing]:
+        """A kind that ``measures_load``: ``spec.rounds`` loads through ``load``, with the
+        kind's metrics and note on ``record``; the Timing's rounds are the loads (execute adds
+        the metrics every kind shares), None when a load ran out of memory."""
         raise NotImplementedError

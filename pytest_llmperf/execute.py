@@ -179,7 +179,7 @@ class _Job:
         """(need, free) when the workload cannot fit even with its shortest input; a model
         whose weights alone cannot fit is skipped (nothing to measure on this node)."""
         spec = self.spec
-        weights = self.engine.weight_bytes(self.model, spec.dtype)
+        weights = self.engine.device_weight_bytes(self.model, spec)
         # What the next load gets back: our own cached model (or the one to be replaced).
         free = self._free(weights if cached else self.cache.resident_bytes(self.key))
         if free is None:

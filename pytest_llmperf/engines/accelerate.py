@@ -280,13 +280,24 @@ class AccelerateEngine(Engine):
             tokenizer=tokenizer,
             real_tokenizer=real,
             weight_source=source,
-            weight_bytes=sum(places.values()),
+            # What the device holds: offloaded weights live in host memory or on disk.
+            weight_bytes=sum(
+                n for place, n in places.items() if place.split(":")[0] == backend.torch_device
+            ),
             load_time_s=load_time,
             dtype=spec.dtype,
             devices=spec.devices,
             note=self.note(places, spec.options),
             close=dropper(store, directory, folder),
         )
+
+    def device_weight_bytes(self, model: ModelSpec, spec: WorkloadSpec) -> int:
+        # With an offload target or a memory budget, accelerate places on the device only what
+        # fits and the rest in host memory or on disk: a model larger than the device is the
+        # point, so only the placement (the note) says how much stayed.
+        if spec.options.get("offload") or spec.options.get("max_memory"):
+            return 0
+        return self.weight_bytes(model, spec.dtype)
 
     def generate(
         self, loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Optional[TokenHook]

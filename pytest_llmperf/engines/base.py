@@ -95,10 +95,15 @@ class Engine:
         """Bytes the weights occupy over all devices."""
         return model.weight_bytes(dtype)
 
+    def device_weight_bytes(self, model: ModelSpec, spec: WorkloadSpec) -> int:
+        """The least of the weights this workload must hold on its devices: all of them,
+        unless the engine offloads (to host memory or disk) what does not fit."""
+        return self.weight_bytes(model, spec.dtype)
+
     def memory_need(self, model: ModelSpec, spec: WorkloadSpec, runtime_bytes: int) -> int:
         """Bytes the workload needs over all its devices: weights plus what the scenario needs
         to run (KV cache, activations). Engines with workspaces of their own add them."""
-        return self.weight_bytes(model, spec.dtype) + runtime_bytes
+        return self.device_weight_bytes(model, spec) + runtime_bytes
 
     def load(
         self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore

@@ -92,6 +92,10 @@ def _cpu_lacks_avx2() -> bool:
 class _BitsAndBytesEngine(Engine):
     """What both bitsandbytes engines share: the support checks, the load and the note."""
 
+    #: bitsandbytes takes ~2 s to import (it probes its native backends); a load-time record
+    #: counts that in ``import_s``, not in the engine's load.
+    libraries: ClassVar[tuple[str, ...]] = (*Engine.libraries, "bitsandbytes")
+
     may_crash: ClassVar[bool] = True
 
     def storage_dtype(self, options: dict[str, Any]) -> str:

@@ -165,9 +165,16 @@ class DeepSpeedZeroEngine(Engine):
             or backend.dtype_reason(spec.dtype)
         )
 
+    def device_weight_bytes(self, model: ModelSpec, spec: WorkloadSpec) -> int:
+        # Offloaded, the devices hold one gathered layer at a time: a model larger than the
+        # device is the point (seed post 001 ran BLOOM-176B from CPU and NVMe on one GPU).
+        if _offload(spec.options) != "none":
+            return 0
+        return self.weight_bytes(model, spec.dtype)
+
     def memory_need(self, model: ModelSpec, spec: WorkloadSpec, runtime_bytes: int) -> int:
         # Every rank generates its own batch: KV cache and activations once per rank.
-        return self.weight_bytes(model, spec.dtype) + runtime_bytes * spec.devices
+        return self.device_weight_bytes(model, spec) + runtime_bytes * spec.devices
 
     def load(
         self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore
@@ -214,7 +221,7 @@ class DeepSpeedZeroEngine(Engine):
             tokenizer=tokenizer,
             real_tokenizer=real,
             weight_source=source,
-            weight_bytes=self.weight_bytes(model, spec.dtype),
+            weight_bytes=_resident_bytes(self.weight_bytes(model, spec.dtype), offload, backend),
             load_time_s=load_time,
             dtype=spec.dtype,
             devices=spec.devices,
@@ -261,6 +268,14 @@ def _close(
         unpin()
         if swap is not None:
             CheckpointStore.release(swap)
+
+
+def _resident_bytes(weights: int, offload: str, backend: Backend) -> int:
+    """Weight bytes held in the backend's memory: all of them unless offloaded, and offloaded
+    to cpu they still fill a CPU backend's memory."""
+    if offload == "none" or (offload == "cpu" and backend.shared_memory):
+        return weights
+    return 0
 
 
 def _note(spec: WorkloadSpec, offload: str, swap: Optional[Path]) -> str:

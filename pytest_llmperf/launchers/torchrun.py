@@ -70,7 +70,9 @@ class TorchrunLauncher(Launcher):
             return spec
         model = model_of(spec)
         try:
-            directory, _ = self.settings.store().checkpoint(model, spec.dtype, spec.seed)
+            # Quantizing engines load a 16-bit checkpoint and quantize it themselves.
+            stored = "fp16" if spec.dtype in ("int8", "int4") else spec.dtype
+            directory, _ = self.settings.store().checkpoint(model, stored, spec.seed)
         except OSError as exc:
             raise SkipWorkload(str(exc)) from None
         return replace(spec, weights=str(directory))

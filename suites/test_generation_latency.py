@@ -1,33 +1,69 @@
-"""BLOOMZ generation latency, the workload of the Gaudi2 BLOOMZ post (reference 000).
+"""BLOOMZ generation latency, the workload of the Gaudi2 BLOOMZ post (reference 000), through
+each engine the BLOOM inference posts compare (references 001 and 003).
 
 Batch size 1, greedy decoding of 100 new tokens after the 7-token prompt "DeepSpeed is a
 machine learning framework", KV cache on, on 1 and on several devices (the post's 1-vs-8
 table). The post reports latency per generate call; we also keep ms/token (its sibling post's
 metric) and TTFT/TPOT. Models follow --llmperf-models: tiny ones on CPU, the real shapes
-(bloom-560m … bloom-176b) on accelerators. Several devices run one rank per device under
-torchrun (on CPU: one rank per core); models without a tensor-parallel plan in transformers
-(BLOOM, GPT-2) are skipped there with the reason until the DeepSpeed engines arrive.
+(bloom-560m … bloom-176b) on accelerators.
+
+Engines are (engine, dtype, options) configurations as the posts tabulate them — accelerate
+bf16, bitsandbytes int8 and nf4, DeepSpeed-inference, DeepSpeed ZeRO-3 with CPU offload — not a
+cross product that is mostly skips. Plain transformers runs every selected model; on the tiny
+tier each other engine runs one model (tiny-llama), which keeps the CPU suite within its time
+budget. Several devices run one rank per device under torchrun (on CPU: one rank per core),
+for the engines that shard a model (transformers' tensor-parallel plans, DeepSpeed); an engine
+or model that cannot run here is skipped with the reason.
 """
+
+from typing import Any, Optional
 
 import pytest
 
-from pytest_llmperf.plugin import parametrize_models
+from pytest_llmperf.plugin import model_param, selected_models
 
 PROMPT = "DeepSpeed is a machine learning framework"
 
+#: (engine, dtype, engine options, device counts).
+ENGINES: list[tuple[str, str, Optional[dict[str, Any]], tuple[int, ...]]] = [
+    ("transformers", "bf16", None, (1, 2, 8)),
+    ("transformers", "fp32", None, (1, 2, 8)),
+    ("accelerate", "bf16", None, (1,)),
+    ("accelerate", "bf16", {"offload": "disk"}, (1,)),
+    ("bnb-int8", "int8", None, (1,)),
+    ("bnb-4bit", "int4", {"quant_type": "nf4", "compute_dtype": "bf16"}, (1,)),
+    ("deepspeed-inference", "bf16", None, (1, 2, 8)),
+    ("deepspeed-zero", "bf16", None, (1, 2)),
+]
+#: The one tiny model the engines other than plain transformers run on the tiny tier.
+TINY_ENGINE_MODEL = "tiny-llama"
+
+
+def _options_id(options: Optional[dict[str, Any]]) -> str:
+    return "".join(f"-{k}={v}" for k, v in sorted((options or {}).items()))
+
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "model" in metafunc.fixturenames:
-        parametrize_models(metafunc)
+    if "model" not in metafunc.fixturenames:
+        return
+    params = []
+    for name, tier, _family in selected_models(metafunc.config):
+        for engine, dtype, options, device_counts in ENGINES:
+            if engine != "transformers" and tier == "tiny" and name != TINY_ENGINE_MODEL:
+                continue
+            for devices in device_counts:
+                test_id = f"{name}-{engine}-{dtype}{_options_id(options)}-{devices}dev"
+                params.append(model_param(name, tier, engine, dtype, options, devices, id=test_id))
+    metafunc.parametrize("model,engine,dtype,engine_options,devices", params)
 
 
-@pytest.mark.parametrize("devices", [1, 2, 8], ids=["1dev", "2dev", "8dev"])
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("new_tokens", [100])
 @pytest.mark.parametrize("batch_size", [1])
-def test_latency(llmperf, model, dtype, batch_size, new_tokens, devices):
+def test_latency(llmperf, model, engine, dtype, engine_options, devices, batch_size, new_tokens):
     result = llmperf.generate(
         model=model,
+        engine=engine,
+        engine_options=engine_options,
         dtype=dtype,
         batch_size=batch_size,
         new_tokens=new_tokens,

@@ -337,3 +337,21 @@ def test_a_checkpoint_the_cache_cannot_hold_is_a_skip_naming_the_option(engine, 
         run(workload(engine, "tiny-bloom"), cpu, small)
     assert str(skipped.value).startswith(f"engine {engine!r} loads from a checkpoint on disk: ")
     assert "--llmperf-cache-size" in str(skipped.value)
+
+
+def test_offloading_is_not_refused_for_weights_larger_than_the_device():
+    """Offloading exists for models bigger than the device: the pre-check must not skip them
+    as 'cannot load', while a plain accelerate load of the same model still counts it all."""
+    engine = engines.get_engine("accelerate")
+    big = models.get("bloomz-7b1")
+    offload = WorkloadSpec(
+        kind="generate",
+        model="bloomz-7b1",
+        engine="accelerate",
+        engine_options=freeze_options({"offload": "disk"}, "opts"),
+        dtype="bf16",
+    )
+    plain = WorkloadSpec(kind="generate", model="bloomz-7b1", engine="accelerate", dtype="bf16")
+    assert engine.device_weight_bytes(big, offload) == 0
+    assert engine.device_weight_bytes(big, plain) == big.weight_bytes("bf16")
+    assert engine.memory_need(big, offload, 1000) == 1000

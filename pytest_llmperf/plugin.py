@@ -115,6 +115,16 @@ def _resolve_config(config: pytest.Config) -> _Config:
     updating = bool(settings.update_baselines or settings.reset_baselines)
     baselines_root = _directory(settings, "baselines", cwd, inidir) or (inidir or cwd) / "baselines"
     S.check_directory(baselines_root, settings.sources["baselines"], must_write=updating)
+    nvme = _directory(settings, "nvme_path", cwd, inidir)
+    if nvme is not None:
+        if not nvme.is_dir():
+            raise S.SettingError(
+                f"{settings.sources['nvme_path']}: {nvme}: no such directory (a directory on "
+                "the mounted NVMe drive)"
+            )
+        S.check_directory(nvme, settings.sources["nvme_path"], must_write=True)
+        # The engine reads it here and in every child (DeepSpeed ZeRO's offload='nvme').
+        os.environ["LLMPERF_NVME_PATH"] = str(nvme)
     report_dir = _directory(settings, "report", cwd, inidir)
     if report_dir is not None:
         S.check_directory(report_dir, settings.sources["report"], must_write=True, create=True)

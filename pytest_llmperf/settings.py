@@ -322,6 +322,14 @@ OPTIONS: tuple[Option, ...] = (
         parse_size,
         DEFAULT_CACHE_SIZE,
     ),
+    Option(
+        "nvme_path",
+        "a directory on this node's NVMe drive for DeepSpeed ZeRO workloads with "
+        "engine_options={'offload': 'nvme'} (where the drive is mounted is the node's, not the "
+        "workload's)",
+        _path,
+        None,
+    ),
 )
 
 
@@ -349,6 +357,7 @@ class Settings:
     launcher: str = "auto"
     timeout: float = 3600.0
     cache_dir: Optional[str] = None
+    nvme_path: Optional[str] = None
     cache_size: Optional[int] = DEFAULT_CACHE_SIZE
     sources: dict[str, str] = field(default_factory=dict)
 

@@ -226,7 +226,8 @@ def test_an_engine_that_may_crash_is_isolated_by_default_and_its_segfault_is_an_
         (
             "deepspeed-zero",
             {"offload": "nvme"},
-            "engine_options['offload']='nvme' needs engine_options['nvme_path']",
+            "engine_options['offload']='nvme' needs a directory on the NVMe drive: "
+            "--llmperf-nvme-path (the node's) or engine_options['nvme_path']",
         ),
         (
             "deepspeed-zero",
@@ -241,6 +242,23 @@ def test_a_bad_engine_option_is_a_one_line_usage_error_naming_it(engine, options
     text = str(info.value)
     assert text.startswith("llmperf.generate(engine_options=...): ")
     assert message in text and "\n" not in text
+
+
+def test_the_nodes_nvme_path_serves_offload_nvme_workloads_without_entering_their_key(
+    project: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """--llmperf-nvme-path is where this node's drive is mounted: a workload asks for
+    offload='nvme' (that is in its key), the node says where."""
+    monkeypatch.delenv(dsz.NVME_PATH_ENV, raising=False)
+    project.makepyfile(test_x="def test_x():\n    pass\n")
+    bad = project.runpytest(f"--llmperf-nvme-path={tmp_path / 'nope'}")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--llmperf-nvme-path" in bad.stderr.str() and "no such directory" in bad.stderr.str()
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the plugin exports it for children
+    project.runpytest(f"--llmperf-nvme-path={tmp_path}").assert_outcomes(passed=1)
+    assert os.environ[dsz.NVME_PATH_ENV] == str(tmp_path)
+    engines.get_engine("deepspeed-zero").check_options({"offload": "nvme"})  # no error now
+    assert dsz.nvme_path({"offload": "nvme"}) == tmp_path
 
 
 def test_an_nvme_path_that_cannot_be_written_is_a_usage_error(tmp_path, monkeypatch):

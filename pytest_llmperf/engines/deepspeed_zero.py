@@ -46,6 +46,16 @@ OFFLOAD = ("cpu", "nvme", "none")
 _MIN_SWAP_BUFFER = 100_000_000
 
 
+#: Where ``--llmperf-nvme-path`` reaches the engine, in this process and in its children: the
+#: drive's mount point is the node's configuration, not part of the workload (nor of its key).
+NVME_PATH_ENV = "LLMPERF_NVME_PATH"
+
+
+def nvme_path(options: dict[str, Any]) -> Path:
+    """The swap directory: the workload's own ``nvme_path``, else the node's."""
+    return Path(options.get("nvme_path") or os.environ[NVME_PATH_ENV]).expanduser()
+
+
 def _offload(options: dict[str, Any]) -> str:
     return str(options.get("offload") or ("nvme" if options.get("nvme_path") else "cpu"))
 
@@ -142,10 +152,10 @@ class DeepSpeedZeroEngine(Engine):
             )
         nvme = options.get("nvme_path")
         if nvme is None:
-            if offload == "nvme":
+            if offload == "nvme" and not os.environ.get(NVME_PATH_ENV):
                 raise UsageError(
-                    "engine_options['offload']='nvme' needs engine_options['nvme_path'] "
-                    "(a directory on the NVMe drive)"
+                    "engine_options['offload']='nvme' needs a directory on the NVMe drive: "
+                    "--llmperf-nvme-path (the node's) or engine_options['nvme_path']"
                 )
             return
         if offload not in (None, "nvme"):
@@ -196,7 +206,7 @@ class DeepSpeedZeroEngine(Engine):
         swap = None
         if offload == "nvme":
             # A fresh folder on the drive per load, so no swap file outlives its model.
-            swap = CheckpointStore(Path(spec.options["nvme_path"]).expanduser()).scratch(self.name)
+            swap = CheckpointStore(nvme_path(spec.options)).scratch(self.name)
         config = zero_config(model, spec, offload, swap, pin=backend.torch_device != "cpu")
         hf_config_class, unset = _hf_deepspeed_config()
         unpin = functools.partial(store.unpin, directory)

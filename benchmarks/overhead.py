@@ -42,39 +42,72 @@ with torch's two threads: noise far above the 1 % being checked. So:
   **goal missed** when its lower bound is > 1.01, **undecided** otherwise (and with fewer
   than 10 kept blocks: a bootstrap over a handful of blocks is too narrow to trust).
 
+Per engine
+----------
+The per-token hook is installed by each engine (``Engine.generate(..., hook)``), around
+whatever that engine's generate runs: accelerate's dispatch hooks, bitsandbytes' quantized
+layers, DeepSpeed's wrapped module. So a second section measures every engine that runs here
+(``--engines``), on one tiny model (``--engine-model``, tiny-llama): the plugin through
+``llmperf.generate(engine=...)`` (inline, as a test's ``execute()`` runs it) against a bare
+loop through **the same engine object and loaded model**: ``engine.generate(loaded, prompt,
+new_tokens, hook=None)`` between a backend sync and a clock read, the prompt encoded as the
+generate scenario encodes it. Blocks, order, the statistic, the foreign-CPU rule, the
+interval and the verdict are the section above's. The section's own: the time budget
+(``--engine-budget-s``, 30 s, a hard stop at 3x even before ``--min-blocks``) and, for the
+slower engines' sake (ZeRO-3 and bitsandbytes take 4-8x plain transformers' time per token on
+a tiny model), 50 new tokens (``--engine-new-tokens``): the stamp's cost is per token, so the
+ratio hardly depends on the count. Every engine is measured in **its own process** (the
+script runs itself with an internal flag): DeepSpeed starts a process group and picks its
+accelerator once per process, and bitsandbytes may crash the interpreter. An engine that
+cannot run here is listed with the skip reason the plugin would give (``execute.resolve``,
+i.e. ``Engine.unsupported``).
+
 Usage
 -----
-    python benchmarks/overhead.py                     # every tiny model, fp32, ≤ ~6 min
-    python benchmarks/overhead.py --model tiny-llama --dtype bf16
-    python benchmarks/overhead.py --quick             # 6 blocks: checks the pipeline only
+    python benchmarks/overhead.py                     # tiny models, then engines: ~5-10 min
+    python benchmarks/overhead.py --model tiny-llama --dtype bf16 --engines none
+    python benchmarks/overhead.py --engines-only --engines accelerate,deepspeed-zero
+    python benchmarks/overhead.py --quick             # 6 blocks each: checks the pipeline only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 from _machine import ForeignCpu
 from _stats import Interval, goal_verdict, paired_interval
 
-from pytest_llmperf import models
+from pytest_llmperf import engines, models
 from pytest_llmperf.backends import Backend, get_backend
-from pytest_llmperf.execute import ModelCache
+from pytest_llmperf.engines.base import Engine, LoadedModel, Prompt
+from pytest_llmperf.errors import SkipWorkload, UsageError
+from pytest_llmperf.execute import ModelCache, resolve
 from pytest_llmperf.runner import LLMPerf, TestContext
+from pytest_llmperf.spec import WorkloadSpec
 
 GOAL = 1.01
 #: Per-segment statistic the blocks compare (see the module docstring for the default).
 STATISTICS: dict[str, Callable[[list[float]], float]] = {"min": min, "median": statistics.median}
 PROMPT = models.SEED_PROMPT
+#: How an engine's child process hands its result back: one stdout line with this prefix.
+RESULT_TAG = "overhead-result: "
+#: Width of the name column of the per-engine section ("deepspeed-inference fp32").
+ENGINE_WIDTH = 24
+#: An engine stops at this many times its budget even before ``--min-blocks`` blocks have run:
+#: on a busy machine a 0.8 s ZeRO-3 call takes seconds, and 16 blocks of 12 calls would not end.
+ENGINE_CAP = 3.0
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -100,29 +133,38 @@ def measure_with_plugin(
     rounds: int,
     warmup: int,
     tag: str,
+    engine: str = "transformers",
 ) -> PluginSegment:
     """One plugin segment: the only function that knows anything of runner.py's internals.
 
-    It measures through the path a test takes (a ``TestContext``, ``LLMPerf.generate``)
-    and reaches into ``ModelCache`` for one thing: the loaded model the plugin just timed, so
-    the bare loop can time the very same object. Should runner.py change, adapt here only.
+    It measures through the path a test takes (a ``TestContext``, ``LLMPerf.generate``, the
+    inline launcher, so ``execute()`` runs in this process) and reaches into ``ModelCache`` for
+    one thing: the loaded model the plugin just timed, so the bare loop can time the very same
+    object. Should runner.py change, adapt here only.
     """
     handle = LLMPerf(
         backend,
         TestContext(
-            key=f"overhead:{model}:{tag}",
+            key=f"overhead:{engine}:{model}:{tag}",
             suite="overhead",
             nodeid="benchmarks/overhead.py",
             rounds=rounds,
             warmup=warmup,
             device_key=backend.device_key(),
             provenance={},
+            # "auto" would run engines that may crash (bitsandbytes, DeepSpeed) in a child
+            # process, out of reach of the bare loop; each engine has a process of its own here.
+            launcher="inline",
         ),
         cache=cache,
     )
-    record = handle.generate(model, dtype=dtype, new_tokens=new_tokens, prompt=PROMPT)
+    record = handle.generate(
+        model, engine=engine, dtype=dtype, new_tokens=new_tokens, prompt=PROMPT
+    )
     if record.outcome != "ok":
-        raise SystemExit(f"{model} {dtype}: not measured ({record.outcome}): {record.note}")
+        raise SystemExit(
+            f"{engine} {model} {dtype}: not measured ({record.outcome}): {record.note}"
+        )
     loaded = cache.loaded
     if loaded is None:
         raise SystemExit("ModelCache no longer exposes .loaded: adapt measure_with_plugin()")
@@ -132,6 +174,15 @@ def measure_with_plugin(
         prompt_tokens=int(record.workload["prompt_tokens"]),
         output_head=record.output_head,
     )
+
+
+class Bare(Protocol):
+    """The bare side of a block: the object it times, and a timing loop."""
+
+    loaded: Any
+    prompt_tokens: int
+
+    def measure(self, rounds: int, warmup: int) -> tuple[list[float], list[int]]: ...
 
 
 @dataclass
@@ -178,7 +229,50 @@ class BareLoop:
         return times, out[0, self.prompt_tokens :].tolist()
 
 
-# ----------------------------------------------------------------------------- one model
+@dataclass
+class EngineBareLoop:
+    """The same engine, unstamped: ``engine.generate(..., hook=None)`` on the plugin's loaded
+    model, between a device sync and a clock read, and nothing else.
+
+    What stays on both sides is the engine's own work (its generate arguments, its
+    ``inference_mode``, the hooks accelerate or DeepSpeed install); what differs is what the
+    plugin adds: the per-token stamp (a wrapped ``forward``, a sync and a clock read per
+    token), the timing loop and the token-count check.
+    """
+
+    engine: Engine
+    loaded: LoadedModel
+    backend: Backend
+    new_tokens: int
+    prompt: Prompt = field(init=False)
+    prompt_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # As the generate scenario's prepare() encodes it, on the backend's device.
+        ids, mask, self.prompt_tokens = models.encode_prompt(
+            self.loaded.tokenizer, self.loaded.real_tokenizer, PROMPT, 1, None
+        )
+        device = self.backend.torch_device
+        self.prompt = Prompt(ids.to(device), mask.to(device), self.prompt_tokens)
+
+    def measure(self, rounds: int, warmup: int) -> tuple[list[float], list[int]]:
+        generate, sync, clock = self.engine.generate, self.backend.synchronize, self.backend.clock
+        args = (self.loaded, self.prompt, self.new_tokens, None)
+        times: list[float] = []
+        for _ in range(warmup):
+            generate(*args)
+        for _ in range(rounds):
+            sync()
+            t0 = clock()
+            out = generate(*args)
+            sync()
+            times.append(clock() - t0)
+            produced = out.shape[-1] - self.prompt_tokens
+            assert produced == self.new_tokens, f"bare loop made {produced} tokens"
+        return times, out[0, self.prompt_tokens :].tolist()
+
+
+# ----------------------------------------------------------------------------- blocks
 
 
 @dataclass
@@ -191,6 +285,16 @@ class ModelResult:
     ratio: Interval | None
     stop: str
     seconds: float
+    #: How the engine ran (``LoadedModel.note``), for the per-engine section.
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelResult:
+        ratio = data.get("ratio")
+        return cls(**{**data, "ratio": Interval(**ratio) if ratio else None})
 
 
 def balanced(plugin_first: list[bool]) -> int:
@@ -198,25 +302,18 @@ def balanced(plugin_first: list[bool]) -> int:
     return min(sum(plugin_first), len(plugin_first) - sum(plugin_first))
 
 
-def measure_model(model: str, backend: Backend, args: argparse.Namespace) -> ModelResult:
-    """Interleaved blocks on one model until the interval is narrow enough or time is up."""
-    cache = ModelCache()
-    start = time.monotonic()
-
-    def plugin(tag: str) -> PluginSegment:
-        return measure_with_plugin(
-            backend,
-            cache,
-            model,
-            dtype=args.dtype,
-            new_tokens=args.new_tokens,
-            rounds=args.rounds,
-            warmup=args.warmup,
-            tag=tag,
-        )
-
-    # Loads (and warms) the model, outside any timed round; these rounds are not used.
-    bare = BareLoop(plugin("load").loaded, args.new_tokens)
+def run_blocks(
+    name: str,
+    plugin: Callable[[str], PluginSegment],
+    bare: Bare,
+    args: argparse.Namespace,
+    *,
+    budget_s: float,
+    start: float,
+    cap_s: float = math.inf,
+) -> ModelResult:
+    """Interleaved blocks until the interval is narrow enough or time (from ``start``) is up:
+    ``budget_s`` once ``--min-blocks`` blocks have run, ``cap_s`` in any case."""
 
     def block(plugin_first: bool, tag: str) -> tuple[list[float], list[float]]:
         """One plugin and one bare segment back to back: (plugin times, bare times)."""
@@ -228,11 +325,11 @@ def measure_model(model: str, backend: Backend, args: argparse.Namespace) -> Mod
             seg = plugin(tag)
         # The same object, the same prompt, the same tokens: the same workload.
         if seg.loaded is not bare.loaded:
-            raise SystemExit(f"{model}: the plugin reloaded the model between blocks")
+            raise SystemExit(f"{name}: the plugin reloaded the model between blocks")
         if seg.prompt_tokens != bare.prompt_tokens:
-            raise SystemExit(f"{model}: prompt of {seg.prompt_tokens} vs {bare.prompt_tokens}")
+            raise SystemExit(f"{name}: prompt of {seg.prompt_tokens} vs {bare.prompt_tokens}")
         if seg.output_head is not None and tokens[: len(seg.output_head)] != seg.output_head:
-            raise SystemExit(f"{model}: the bare loop generated other tokens than the plugin")
+            raise SystemExit(f"{name}: the bare loop generated other tokens than the plugin")
         return seg.samples, times
 
     stat = STATISTICS[args.statistic]
@@ -259,11 +356,15 @@ def measure_model(model: str, backend: Backend, args: argparse.Namespace) -> Mod
             if iv.half_width < args.target:
                 stop = "target reached"
                 break
-        if time.monotonic() - start > args.budget_s and blocks >= args.min_blocks:
+        spent = time.monotonic() - start
+        if spent > budget_s and blocks >= args.min_blocks:
             stop = "budget spent"
             break
+        if spent > cap_s:
+            stop = "time cap"
+            break
     return ModelResult(
-        model=model,
+        model=name,
         kept=len(contrasts),
         blocks=blocks,
         plugin_ms=statistics.median(plugin_all) * 1000 if plugin_all else math.nan,
@@ -276,8 +377,134 @@ def measure_model(model: str, backend: Backend, args: argparse.Namespace) -> Mod
     )
 
 
-def render(r: ModelResult) -> str:
-    head = f"{r.model:<11} {r.kept:3d}/{r.blocks:<3d} blocks  "
+# ----------------------------------------------------------------------------- one model
+
+
+def measure_model(model: str, backend: Backend, args: argparse.Namespace) -> ModelResult:
+    """The transformers engine on ``model``: plugin against a hand-written ``model.generate``."""
+    cache = ModelCache()
+    start = time.monotonic()
+
+    def plugin(tag: str) -> PluginSegment:
+        return measure_with_plugin(
+            backend,
+            cache,
+            model,
+            dtype=args.dtype,
+            new_tokens=args.new_tokens,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            tag=tag,
+        )
+
+    # Loads (and warms) the model, outside any timed round; these rounds are not used.
+    bare = BareLoop(plugin("load").loaded, args.new_tokens)
+    return run_blocks(model, plugin, bare, args, budget_s=args.budget_s, start=start)
+
+
+# ----------------------------------------------------------------------------- one engine
+
+
+def engine_dtype(engine: Engine, wanted: str) -> str:
+    """``--dtype`` where the engine runs it, else the engine's own (bnb: int8, int4)."""
+    return wanted if wanted in engine.dtypes else engine.dtypes[0]
+
+
+def engine_skip(name: str, backend: Backend, args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    """(dtype, why the engine cannot run here or None), decided as the plugin decides a skip:
+    ``execute.resolve`` (device count, then ``Engine.unsupported``), without loading anything."""
+    try:
+        engine = engines.get_engine(name)
+    except UsageError as exc:
+        return "-", str(exc)
+    dtype = engine_dtype(engine, args.dtype)
+    spec = WorkloadSpec(
+        kind="generate",
+        model=args.engine_model,
+        engine=name,
+        dtype=dtype,
+        new_tokens=args.engine_new_tokens,
+        prompt=PROMPT,
+        rounds=args.rounds,
+        warmup=args.warmup,
+    )
+    try:
+        resolve(spec, backend)
+    except (SkipWorkload, UsageError) as exc:
+        return dtype, str(exc)
+    return dtype, None
+
+
+def measure_engine(name: str, backend: Backend, args: argparse.Namespace) -> ModelResult:
+    """``name`` on ``--engine-model``: plugin against the engine's own generate, unstamped."""
+    engine = engines.get_engine(name)
+    dtype = engine_dtype(engine, args.dtype)
+    cache = ModelCache()
+    start = time.monotonic()
+
+    def plugin(tag: str) -> PluginSegment:
+        return measure_with_plugin(
+            backend,
+            cache,
+            args.engine_model,
+            engine=name,
+            dtype=dtype,
+            new_tokens=args.engine_new_tokens,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            tag=tag,
+        )
+
+    try:
+        loaded = plugin("load").loaded
+        bare = EngineBareLoop(engine, loaded, backend, args.engine_new_tokens)
+        label = f"{name} {dtype}"
+        budget = args.engine_budget_s
+        result = run_blocks(
+            label, plugin, bare, args, budget_s=budget, start=start, cap_s=ENGINE_CAP * budget
+        )
+        result.note = loaded.note
+        return result
+    finally:
+        cache.drop(backend)
+
+
+def engine_worker(name: str, args: argparse.Namespace) -> int:
+    """The child process of one engine: measure, print one tagged JSON line, exit."""
+    backend = get_backend("cpu")
+    try:
+        payload: dict[str, Any] = {"result": measure_engine(name, backend, args).to_json()}
+    except SkipWorkload as exc:  # found out at load (DeepSpeed's import, its dtypes)
+        payload = {"skip": str(exc)}
+    print(RESULT_TAG + json.dumps(payload), flush=True)
+    return 0
+
+
+def run_engine(name: str, argv: Sequence[str], args: argparse.Namespace) -> str:
+    """One engine in a child process (this script with ``--engine-worker``): its table line."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--engine-worker", name]
+    timeout = ENGINE_CAP * args.engine_budget_s + 600  # a first DeepSpeed start builds an op
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"error: no result after {timeout:.0f} s"
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            payload = json.loads(line[len(RESULT_TAG) :])
+            if "skip" in payload:
+                return f"skipped: {payload['skip']}"
+            result = ModelResult.from_json(payload["result"])
+            text = render(result, ENGINE_WIDTH)
+            return text + (f"\n{'':{ENGINE_WIDTH}} ({result.note})" if result.note else "")
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return f"error (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def render(r: ModelResult, width: int = 11) -> str:
+    head = f"{r.model:<{width}} {r.kept:3d}/{r.blocks:<3d} blocks  "
     tail = f"({r.stop}, {r.seconds:.0f} s)"
     iv = r.ratio
     if iv is None:
@@ -289,14 +516,49 @@ def render(r: ModelResult) -> str:
     )
 
 
+def load_line(when: str) -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except (AttributeError, OSError):
+        return f"load      unknown ({when})"
+    return (
+        f"load      load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} "
+        f"CPUs, {when}"
+    )
+
+
 # ----------------------------------------------------------------------------- main
+
+
+def parse_engines(text: str) -> list[str]:
+    """``all`` (every implemented engine, the registry's order first), ``none``, or a list."""
+    implemented = engines.implemented()
+    if text == "all":
+        return [e for e in engines.ENGINE_IDS if e in implemented] + [
+            e for e in implemented if e not in engines.ENGINE_IDS
+        ]
+    if text == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = set(engines.ENGINE_IDS) | set(implemented)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown engine {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return names
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     tiny = models.models_for_tier("tiny")
     p.add_argument("--model", choices=tiny, help="one model (default: every tiny model)")
-    p.add_argument("--dtype", default="fp32", choices=models.DTYPES)
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=models.DTYPES,
+        help="default fp32; engines that do not run it (bnb: int8, int4) use their own",
+    )
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--rounds", type=int, default=5, help="timed calls per side per block (≥ 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per side per block")
@@ -316,20 +578,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="discard a block when other processes used more CPUs than this on average",
     )
-    p.add_argument("--quick", action="store_true", help="6 blocks per model: a pipeline check")
+    p.add_argument(
+        "--engines",
+        type=parse_engines,
+        default="all",
+        help="comma-separated engines for the per-engine section, 'all' (default: every "
+        "implemented one; those that cannot run here are listed with the reason) or 'none'",
+    )
+    p.add_argument("--engines-only", action="store_true", help="skip the per-model section")
+    p.add_argument("--engine-model", default="tiny-llama", choices=tiny)
+    p.add_argument(
+        "--engine-new-tokens",
+        type=int,
+        default=50,
+        help="new tokens per call in the per-engine section (default 50: ZeRO-3 and "
+        "bitsandbytes take 4-8x the time of plain transformers per token here)",
+    )
+    p.add_argument(
+        "--engine-budget-s",
+        type=float,
+        default=30.0,
+        help=f"per engine, its load included: stops there once --min-blocks blocks have run, "
+        f"at {ENGINE_CAP:g}x in any case (default 30)",
+    )
+    p.add_argument("--engine-worker", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="6 blocks each: a pipeline check")
     args = p.parse_args(argv)
     if args.rounds < 5:
         p.error("--rounds: the plugin measures at least 5 rounds")
     if args.quick:
         args.min_blocks = args.max_blocks = 6
-    args.models = [args.model] if args.model else tiny
+    args.models = [] if args.engines_only else [args.model] if args.model else tiny
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.engine_worker:
+        return engine_worker(args.engine_worker, args)
     backend = get_backend("cpu")
     print(f"machine   {backend.device_key()} (torch {torch.__version__}, {os.cpu_count()} CPUs)")
+    print(load_line("at the start"))
     print(
         f"settings  {args.dtype}, bs=1, {args.new_tokens} new tokens, prompt {PROMPT!r}; per "
         f"block {args.rounds} timed + {args.warmup} warm-up calls per side, order alternating"
@@ -347,6 +637,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for model in args.models:
         print(render(measure_model(model, backend, args)), flush=True)
+    if not args.engines:
+        return 0
+    if args.models:
+        print()
+        print(load_line("after the models"))
+    print(
+        f"engines   {args.engine_model}, {args.engine_new_tokens} new tokens, each engine in its "
+        f"own process, {args.engine_budget_s:.0f} s each after ≥ {args.min_blocks} blocks, "
+        f"{ENGINE_CAP * args.engine_budget_s:.0f} s at most; bare = the engine's generate("
+        "hook=None) between sync and clock, plugin = llmperf.generate(engine=...) inline"
+    )
+    print()
+    for name in args.engines:
+        dtype, reason = engine_skip(name, backend, args)
+        label = f"{name} {dtype}"
+        line = f"skipped: {reason}" if reason else run_engine(name, argv, args)
+        # A measured line starts with the label already; the others get it here.
+        print(line if line.startswith(label) else f"{label:<{ENGINE_WIDTH}} {line}", flush=True)
+    print()
+    print(load_line("at the end"))
     return 0
 
 

@@ -183,35 +183,13 @@ def _from_directory(name: str, directory: Path, trust: bool, where: str) -> Mode
             f"{where}: no complete set of *.safetensors weights in {directory} (save it with "
             "save_pretrained(), or register its config.json alone for seeded weights)"
         )
-    spec = ModelSpec(
-        id=name,
-        family=cfg["model_type"],
-        tier="",
-        config_file=str(directory / "config.json"),
-        hf_id=None,
-        suite=False,
-        source="directory",
-        location=str(directory),
-        trust_remote_code=trust,
-    )
-    return check_architecture(spec, cfg, where)
+    return _checked(name, cfg, directory / "config.json", "directory", trust, where, directory)
 
 
 def _from_config(name: str, path: Path, trust: bool, where: str) -> ModelSpec:
     if not path.is_file():
         raise ValueError(f"{where}: no such config file {path}")
-    cfg = _read_config(path, where)
-    spec = ModelSpec(
-        id=name,
-        family=cfg["model_type"],
-        tier="",
-        config_file=str(path),
-        hf_id=None,
-        suite=False,
-        source="config",
-        trust_remote_code=trust,
-    )
-    return check_architecture(spec, cfg, where)
+    return _checked(name, _read_config(path, where), path, "config", trust, where)
 
 
 def _from_hf(name: str, hf_id: str, trust: bool, where: str) -> ModelSpec:
@@ -231,15 +209,30 @@ def _from_hf(name: str, hf_id: str, trust: bool, where: str) -> ModelSpec:
             f"{hf_id}) or give a local directory"
         )
     cfg = _config_of(snapshot, where)
+    config = snapshot / "config.json"
+    return _checked(name, cfg, config, "hf-cache", trust, where, snapshot, hf_id)
+
+
+def _checked(
+    name: str,
+    cfg: dict[str, Any],
+    config: Path,
+    source: str,
+    trust: bool,
+    where: str,
+    location: Optional[Path] = None,
+    hf_id: Optional[str] = None,
+) -> ModelSpec:
+    """The spec of a model from disk, once transformers is known to build it."""
     spec = ModelSpec(
         id=name,
         family=cfg["model_type"],
         tier="",
-        config_file=str(snapshot / "config.json"),
+        config_file=str(config),
         hf_id=hf_id,
         suite=False,
-        source="hf-cache",
-        location=str(snapshot),
+        source=source,
+        location=None if location is None else str(location),
         trust_remote_code=trust,
     )
     return check_architecture(spec, cfg, where)

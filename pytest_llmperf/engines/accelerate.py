@@ -187,6 +187,27 @@ def dropper(store: CheckpointStore, directory: Path, *scratch: Path) -> Callable
     return close
 
 
+def timed_from_pretrained(
+    backend: Backend, directory: Path, close: Callable[[], None], **kwargs: Any
+) -> tuple[Any, float]:
+    """``from_pretrained`` from ``directory`` between synchronized clock reads: (the model in
+    eval mode, prepared for the backend; seconds). A load that fails runs ``close`` (the pin
+    and scratch folders must not outlive it) and raises."""
+    from transformers import AutoModelForCausalLM
+
+    loader: Any = AutoModelForCausalLM  # transformers' decorated classmethods confuse mypy
+    try:
+        backend.synchronize()
+        start = backend.clock()
+        loaded = loader.from_pretrained(str(directory), local_files_only=True, **kwargs).eval()
+        loaded = backend.prepare(loaded)
+        backend.synchronize()
+        return loaded, backend.clock() - start
+    except BaseException:
+        close()
+        raise
+
+
 def remote_code(model: ModelSpec) -> bool:
     """A registered model with its own modeling code (``trust_remote_code`` in the registry)."""
     return bool(getattr(model, "trust_remote_code", False))
@@ -244,7 +265,6 @@ class AccelerateEngine(Engine):
     def load(
         self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore
     ) -> LoadedModel:
-        from transformers import AutoModelForCausalLM
 
         from .. import models
 
@@ -254,25 +274,17 @@ class AccelerateEngine(Engine):
         # Always given: accelerate goes on to disk whenever the budget runs out, and
         # from_pretrained refuses a map with "disk" in it without a folder.
         folder = store.scratch("accelerate-offload")
-        loader: Any = AutoModelForCausalLM  # transformers' decorated classmethods confuse mypy
-        try:
-            backend.synchronize()
-            start = backend.clock()
-            loaded = loader.from_pretrained(
-                str(directory),
-                local_files_only=True,
-                device_map="auto",
-                max_memory=budget,
-                offload_folder=str(folder),
-                trust_remote_code=remote_code(model),
-                **models.dtype_kwargs(tdtype),
-            ).eval()
-            loaded = backend.prepare(loaded)
-            backend.synchronize()
-            load_time = backend.clock() - start
-        except BaseException:
-            dropper(store, directory, folder)()
-            raise
+        close = dropper(store, directory, folder)
+        loaded, load_time = timed_from_pretrained(
+            backend,
+            directory,
+            close,
+            device_map="auto",
+            max_memory=budget,
+            offload_folder=str(folder),
+            trust_remote_code=remote_code(model),
+            **models.dtype_kwargs(tdtype),
+        )
         tokenizer, real = models.build_tokenizer(model)
         places = placed_bytes(loaded, backend.torch_device)
         return LoadedModel(
@@ -288,7 +300,7 @@ class AccelerateEngine(Engine):
             dtype=spec.dtype,
             devices=spec.devices,
             note=self.note(places, spec.options),
-            close=dropper(store, directory, folder),
+            close=close,
         )
 
     def device_weight_bytes(self, model: ModelSpec, spec: WorkloadSpec) -> int:

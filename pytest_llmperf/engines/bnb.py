@@ -27,6 +27,7 @@ from .accelerate import (
     remote_code,
     single_process_reason,
     stored_checkpoint,
+    timed_from_pretrained,
 )
 from .base import Engine, LoadedModel, Prompt, TokenHook
 
@@ -148,33 +149,22 @@ class _BitsAndBytesEngine(Engine):
     def load(
         self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore
     ) -> LoadedModel:
-        from transformers import AutoModelForCausalLM
 
         from .. import models
 
         options = spec.options
         storage = self.storage_dtype(options)
         directory, source = stored_checkpoint(self.name, store, model, storage, spec.seed)
-        config = self.quantization(options)
-        loader: Any = AutoModelForCausalLM  # transformers' decorated classmethods confuse mypy
         close = dropper(store, directory)
-        try:
-            backend.synchronize()
-            start = backend.clock()
-            loaded = loader.from_pretrained(
-                str(directory),
-                local_files_only=True,
-                quantization_config=config,
-                device_map={"": device_target(backend)},
-                trust_remote_code=remote_code(model),
-                **models.dtype_kwargs(models.torch_dtype(storage)),
-            ).eval()
-            loaded = backend.prepare(loaded)
-            backend.synchronize()
-            load_time = backend.clock() - start
-        except BaseException:
-            close()
-            raise
+        loaded, load_time = timed_from_pretrained(
+            backend,
+            directory,
+            close,
+            quantization_config=self.quantization(options),
+            device_map={"": device_target(backend)},
+            trust_remote_code=remote_code(model),
+            **models.dtype_kwargs(models.torch_dtype(storage)),
+        )
         generic = _avoid_packed_cpu_kernel(loaded) if backend.torch_device == "cpu" else 0
         tokenizer, real = models.build_tokenizer(model)
         places = placed_bytes(loaded, backend.torch_device)

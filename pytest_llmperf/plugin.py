@@ -266,6 +266,13 @@ def selected_models(config: pytest.Config) -> list[tuple[str, Optional[str], Opt
     ]
 
 
+def engine_id(model: str, engine: str, dtype: str, options: Optional[dict[str, Any]]) -> str:
+    """A readable test id for a model run through an engine configuration (ids are for
+    people: the baseline key comes from the parameters, not from this)."""
+    extra = "".join(f"-{k}={v}" for k, v in sorted((options or {}).items()))
+    return f"{model}-{engine}-{dtype}{extra}"
+
+
 def model_param(name: str, tier: Optional[str], *more: Any, id: Optional[str] = None) -> Any:
     """``pytest.param(name, *more)`` marked with its tier, so a test instance whose model does
     not fit the backend's tier is skipped at setup."""

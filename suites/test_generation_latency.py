@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_llmperf.plugin import model_param, selected_models
+from pytest_llmperf.plugin import engine_id, model_param, selected_models
 
 PROMPT = "DeepSpeed is a machine learning framework"
 
@@ -39,10 +39,6 @@ ENGINES: list[tuple[str, str, Optional[dict[str, Any]], tuple[int, ...]]] = [
 TINY_ENGINE_MODEL = "tiny-llama"
 
 
-def _options_id(options: Optional[dict[str, Any]]) -> str:
-    return "".join(f"-{k}={v}" for k, v in sorted((options or {}).items()))
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "model" not in metafunc.fixturenames:
         return
@@ -52,7 +48,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if engine != "transformers" and tier == "tiny" and name != TINY_ENGINE_MODEL:
                 continue
             for devices in device_counts:
-                test_id = f"{name}-{engine}-{dtype}{_options_id(options)}-{devices}dev"
+                test_id = f"{engine_id(name, engine, dtype, options)}-{devices}dev"
                 params.append(model_param(name, tier, engine, dtype, options, devices, id=test_id))
     metafunc.parametrize("model,engine,dtype,engine_options,devices", params)
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_llmperf.plugin import model_param, selected_models
+from pytest_llmperf.plugin import engine_id, model_param, selected_models
 
 #: (engine, dtype, engine options).
 ENGINES: list[tuple[str, str, Optional[dict[str, Any]]]] = [
@@ -37,10 +37,6 @@ ENGINES: list[tuple[str, str, Optional[dict[str, Any]]]] = [
 TINY_MODEL = "tiny-llama"
 
 
-def _options_id(options: Optional[dict[str, Any]]) -> str:
-    return "".join(f"-{k}={v}" for k, v in sorted((options or {}).items()))
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "model" not in metafunc.fixturenames:
         return
@@ -49,7 +45,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if tier == "tiny" and name != TINY_MODEL:
             continue
         for engine, dtype, options in ENGINES:
-            test_id = f"{name}-{engine}-{dtype}{_options_id(options)}"
+            test_id = engine_id(name, engine, dtype, options)
             params.append(model_param(name, tier, engine, dtype, options, id=test_id))
     metafunc.parametrize("model,engine,dtype,engine_options", params)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .backends.base import Backend
+from .progress import Progress, ProgressFn, notify
 
 #: ttft + (new_tokens − 1) · tpot must explain e2e within this fraction; otherwise time is
 #: spent outside token generation (tokenization, a host copy) and the split is flagged.
@@ -89,17 +90,29 @@ def run_rounds(
     warmup: int,
     new_tokens: Optional[int] = None,
     count_new_tokens: Optional[Callable[[Any], Optional[int]]] = None,
+    token_times: bool = True,
+    progress: Optional[ProgressFn] = None,
+    tokens_per_round: Optional[int] = None,
 ) -> Timing:
     """Run ``warmup`` untimed calls, then ``rounds`` timed ones.
 
     ``call(hook)`` performs one workload; for generation it calls ``hook`` once per new token
     (from a stopping criterion) so TTFT and TPOT come from the very rounds that give e2e,
     not from a separate prefill-only run whose caches differ. ``hook`` is None for plain
-    callables. Warm-up calls get a hook too, so graph capture sees the same code path.
+    callables, and with ``token_times=False`` (a round of many generate calls: the tokens are
+    counted, not stamped). Warm-up calls get a hook too, so graph capture sees the same code
+    path.
+
+    ``progress`` hears where the loop stands (``tokens_per_round`` lets it show tokens/s):
+    before the warm-up, then after each round's closing clock read and before the next
+    round's first sync, never inside a timed span (warm-up included), so drawing a progress
+    line costs the rounds nothing.
     """
     stamps: list[float] = []
-    hook = _stamp(backend, stamps) if new_tokens is not None else None
+    hook = _stamp(backend, stamps) if new_tokens is not None and token_times else None
 
+    if warmup:
+        notify(progress, Progress("warmup", 0, warmup, tokens_per_round=tokens_per_round))
     backend.synchronize()
     start = backend.clock()
     for _ in range(warmup):
@@ -107,6 +120,7 @@ def run_rounds(
     backend.synchronize()
     warmup_s = backend.clock() - start
 
+    notify(progress, Progress("rounds", 0, rounds, tokens_per_round=tokens_per_round))
     backend.reset_peak_memory()
     timing = Timing(warmup_s=warmup_s, e2e=[])
     for index in range(rounds):
@@ -120,7 +134,9 @@ def run_rounds(
         timing.output = out
         if new_tokens is not None:
             _check_tokens(index, out, new_tokens, count_new_tokens)
-            _token_times(timing, index, t0, stamps, new_tokens)
+            if token_times:
+                _token_times(timing, index, t0, stamps, new_tokens)
+        notify(progress, Progress("rounds", index + 1, rounds, t1 - t0, tokens_per_round))
     timing.peak_memory_bytes = backend.peak_memory_bytes()
     if timing.ttft and new_tokens:
         _check_consistency(timing, new_tokens)

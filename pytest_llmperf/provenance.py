@@ -64,4 +64,16 @@ def collect(backend: Backend, root: Path) -> dict[str, Any]:
         # Tells one process's run from another's: accepting the same results twice must not
         # store one run twice (identical numbers are possible on a deterministic device).
         "run_id": secrets.token_hex(8),
+        "memory_bandwidth": memory_bandwidth(backend),
     }
+
+
+def memory_bandwidth(backend: Backend) -> dict[str, Any]:
+    """The bandwidth roofline_fraction divides by, with its method ("published peak" or
+    "measured copy") and source; for hardware without a figure, a line saying so (the run
+    says it once here instead of a note on every record). Collected in the pytest process and
+    carried to workers and ranks with the rest of provenance, so they never measure it."""
+    from . import roofline
+
+    found = backend.memory_bandwidth()
+    return found.to_json() if found is not None else roofline.unknown(backend.device_name())

@@ -4,10 +4,14 @@ Two modes, one reply format (a JSON object with exactly one of ``record``, ``usa
 or ``error``):
 
 * **serve** (the process launcher): one request per line on stdin (``{"spec", "context",
-  "backend"}``), one reply per line on the protocol channel, until stdin closes. The worker keeps
-  the loaded model between requests, as the inline launcher does.
-* **rank** (``--rank --request FILE --out FILE``, under ``torch.distributed.run``): every rank
-  executes the same spec with clocks read after a barrier; rank 0 writes the reply to FILE.
+  "backend"}``), one reply per line on the protocol channel, until stdin closes. Before its
+  reply, lines ``{"progress": {...}}`` (``progress.Progress``, sent between rounds) tell the
+  launcher where the workload stands. The worker keeps the loaded model between requests, as
+  the inline launcher does.
+* **rank** (``--rank --request FILE --out FILE [--progress FILE]``, under
+  ``torch.distributed.run``): every rank executes the same spec with clocks read after a
+  barrier; rank 0 appends its progress events to the progress file and writes the reply to
+  the out file.
 
 Whatever else the worker or a library prints goes to stderr: file descriptor 1 is pointed at
 stderr before anything runs, so a chatty model cannot corrupt the protocol. Backends and engines
@@ -19,6 +23,7 @@ entry-point plugins load by themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -28,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from .settings import WORKER_IMPORTS_ENV
+from .settings import MEMORY_LIMIT_ENV, WORKER_IMPORTS_ENV
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,11 +41,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rank", action="store_true", help="one rank of a torchrun group")
     parser.add_argument("--request", help="the request (JSON file), with --rank")
     parser.add_argument("--out", help="where rank 0 writes its reply, with --rank")
+    parser.add_argument("--progress", help="where rank 0 appends progress events, with --rank")
     args = parser.parse_args(argv)
     channel = _protocol_channel()
     _import_plugins()
     if args.rank:
-        return _rank(Path(args.request), Path(args.out))
+        progress = Path(args.progress) if args.progress else None
+        return _rank(Path(args.request), Path(args.out), progress)
     return _serve(channel)
 
 
@@ -68,12 +75,26 @@ def _serve(channel: IO[str]) -> int:
     cache = ModelCache()
     for line in sys.stdin:
         if line.strip():
-            channel.write(json.dumps(handle(json.loads(line), cache)) + "\n")
+            reply = handle(json.loads(line), cache, progress=_events_to(channel))
+            channel.write(json.dumps(reply) + "\n")
             channel.flush()
     return 0
 
 
-def handle(request: dict[str, Any], cache: Any = None, backend: Any = None) -> dict[str, Any]:
+def _events_to(sink: IO[str]) -> Any:
+    """Progress events as lines ``{"progress": {...}}`` on ``sink``, ahead of the reply (the
+    launcher reads them while it waits). Written between rounds only, as run_rounds calls."""
+
+    def send(event: Any) -> None:
+        sink.write(json.dumps({"progress": event.to_json()}) + "\n")
+        sink.flush()
+
+    return send
+
+
+def handle(
+    request: dict[str, Any], cache: Any = None, backend: Any = None, progress: Any = None
+) -> dict[str, Any]:
     """Execute one request; every outcome, an exception included, becomes a reply."""
     from . import backends
     from .errors import SkipWorkload, UsageError
@@ -85,7 +106,7 @@ def handle(request: dict[str, Any], cache: Any = None, backend: Any = None) -> d
         context = RecordContext.from_json(request["context"])
         if backend is None:
             backend = _backend(backends, request["backend"])
-        record = execute(spec, context, backend, cache)
+        record = execute(spec, context, backend, cache, progress)
         return {"record": record.to_json()}
     except UsageError as exc:
         return {"usage": str(exc)}
@@ -101,22 +122,32 @@ def handle(request: dict[str, Any], cache: Any = None, backend: Any = None) -> d
 
 def _backend(backends: Any, name: str) -> Any:
     try:
-        return backends.get_backend(name)
+        backend = backends.get_backend(name)
     except KeyError as exc:
         raise RuntimeError(
             f"{exc.args[0]} in the worker process: a backend registered in a conftest must be "
             f"importable here, list its module in {WORKER_IMPORTS_ENV}"
         ) from None
+    limit = os.environ.get(MEMORY_LIMIT_ENV)
+    if limit and backend.memory_limit is None:  # once per process: the cap stays
+        backend.limit_memory(int(limit), in_worker=True)
+    return backend
 
 
-def _rank(request_path: Path, out: Path) -> int:
+def _rank(request_path: Path, out: Path, progress: Optional[Path] = None) -> int:
     from . import backends
     from .launchers.torchrun import RankBackend, init_rank
 
     request = json.loads(request_path.read_text(encoding="utf-8"))
     inner = _backend(backends, request["backend"])
     rank = init_rank(inner)
-    reply = handle(request, backend=RankBackend(inner))
+    with contextlib.ExitStack() as stack:
+        events = None
+        if rank == 0 and progress is not None:
+            # Line-buffered: the launcher reads each event as it comes.
+            sink = stack.enter_context(open(progress, "a", buffering=1, encoding="utf-8"))
+            events = _events_to(sink)
+        reply = handle(request, backend=RankBackend(inner), progress=events)
     if rank == 0:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(reply), encoding="utf-8")

@@ -27,6 +27,8 @@ PREFILL_S = 1 / 16
 DECODE_S = 1 / 128
 COMPILE_S = 2.0
 LOAD_S = 0.5
+#: One forward pass of the fake engine (llmperf.forward), after the first (compile) call.
+FORWARD_S = 1 / 256
 PEAK_BYTES = 3 * 2**20
 AVAILABLE_BYTES = 64 * GiB
 
@@ -46,6 +48,10 @@ ENV_BURST = "FAKE_BURST"
 #: The host's load average the fake chip reports (default 0: a quiet host, whatever the real
 #: machine running the tests is doing).
 ENV_LOAD = "FAKE_LOAD"
+#: The fake chip's memory bandwidth in bytes/s (default: none known, no roofline_fraction).
+ENV_BANDWIDTH = "FAKE_BANDWIDTH"
+#: The batch size from which the fake-batch-oom engine runs out of memory.
+ENV_OOM_BATCH = "FAKE_OOM_BATCH"
 
 
 def slowdown() -> float:
@@ -68,6 +74,8 @@ class FakeBackend(Backend):
         self.events: list[str] = []
         #: Weight bytes of the fake models alive now (see FakeModel).
         self.resident = 0
+        #: Calls of memory_bandwidth (the run asks once, for provenance).
+        self.bandwidth_asked = 0
 
     def _probe_impl(self) -> Probe:
         return Probe(True, "", int(os.environ.get(ENV_DEVICES, "1")))
@@ -108,6 +116,14 @@ class FakeBackend(Backend):
             return int(os.environ[ENV_TOTAL]) - self.resident
         return int(os.environ.get(ENV_AVAILABLE, str(AVAILABLE_BYTES)))
 
+    def memory_bandwidth(self) -> Any:
+        from pytest_llmperf.roofline import PUBLISHED, Bandwidth
+
+        self.bandwidth_asked += 1
+        if ENV_BANDWIDTH not in os.environ:
+            return None
+        return Bandwidth(float(os.environ[ENV_BANDWIDTH]), PUBLISHED, "fake datasheet", "Fake Chip")
+
 
 class FakeModel:
     """A loaded fake model: holds its weight bytes on the backend until it is garbage."""
@@ -133,13 +149,24 @@ class MissingSdkBackend(Backend):
 
 
 class WordTokenizer:
-    """Just enough of a tokenizer for ``models.encode_prompt``: one id per word."""
+    """Just enough of a tokenizer for ``models.encode_prompt``: one id per word; ``decode``
+    gives back the words it encoded, and ``<id>`` for ids it never made (generated ones)."""
 
     bos_token_id = None
     pad_token_id = 0
 
+    def __init__(self) -> None:
+        self.words: dict[int, str] = {}
+
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": [4 + sum(map(ord, word)) % 1000 for word in text.split()]}
+        ids = []
+        for word in text.split():
+            ids.append(4 + sum(map(ord, word)) % 1000)
+            self.words[ids[-1]] = word
+        return {"input_ids": ids}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(self.words.get(int(i), f"<{int(i)}>") for i in ids)
 
 
 class FakeEngine(Engine):
@@ -147,6 +174,7 @@ class FakeEngine(Engine):
 
     name: ClassVar[str] = "fake-engine"
     options: ClassVar[dict[str, tuple[type, ...]]] = {"attn": (str,), "layers": (list,)}
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder", "image-encoder")
     #: Tokens produced short of those asked for (a broken engine).
     missing_tokens: ClassVar[int] = 0
     #: Seconds spent after the last token inside the call (e.g. a host copy).
@@ -196,6 +224,16 @@ class FakeEngine(Engine):
         new = new.expand(input_ids.shape[0], -1)
         return torch.cat([input_ids, new], dim=1)
 
+    def forward(self, loaded: LoadedModel, inputs: dict[str, Any]) -> Any:
+        """One forward pass: ``FORWARD_S`` (times the slowdown), the first call compiling."""
+        state = loaded.model
+        backend: FakeBackend = state.backend
+        if state.calls == 0:
+            backend.advance(COMPILE_S, "compile")
+        state.calls += 1
+        backend.advance(FORWARD_S * slowdown(), "forward")
+        return inputs
+
 
 class ShortEngine(FakeEngine):
     name: ClassVar[str] = "fake-short"
@@ -214,6 +252,24 @@ class OomEngine(FakeEngine):
         import torch
 
         raise torch.OutOfMemoryError("fake: tried to allocate 2.00 GiB")
+
+
+class BatchOomEngine(FakeEngine):
+    """Runs out of memory from the batch size in ``FAKE_OOM_BATCH`` on (a device whose memory
+    the estimate did not foresee); counts the calls it got in ``calls_by_batch``."""
+
+    name: ClassVar[str] = "fake-batch-oom"
+    calls_by_batch: ClassVar[dict[int, int]] = {}
+
+    def generate(self, loaded: LoadedModel, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        batch = int(prompt.input_ids.shape[0])
+        self.calls_by_batch[batch] = self.calls_by_batch.get(batch, 0) + 1
+        limit = os.environ.get(ENV_OOM_BATCH)
+        if limit and batch >= int(limit):
+            raise torch.OutOfMemoryError(f"fake: batch {batch} does not fit")
+        return super().generate(loaded, prompt, *args, **kwargs)
 
 
 class CrashEngine(FakeEngine):
@@ -280,6 +336,7 @@ def register_all() -> None:
         ShortEngine(),
         OverheadEngine(),
         OomEngine(),
+        BatchOomEngine(),
         CrashEngine(),
         SegfaultEngine(),
         ExitEngine(),

@@ -13,7 +13,10 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..roofline import Bandwidth
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,39 @@ class Backend:
         """Memory a new workload may still use on one device; None when unknown."""
         return None
 
-    def memory_bandwidth_bytes_per_s(self) -> float | None:
+    #: ``--llmperf-memory-limit``: bytes this process may use on one device (None: no cap).
+    memory_limit: int | None = None
+
+    def memory_in_use_bytes(self) -> int | None:
+        """What this process holds on one device now (what counts against a memory cap)."""
         return None
+
+    def usable_memory_bytes(self) -> int | None:
+        """What a new workload may use: the free memory, and under a cap what the cap leaves.
+
+        The memory check (execute) reads this, so a workload above the cap is recorded as
+        ``oom`` without running, as one above the device's memory is.
+        """
+        avail = self.available_memory_bytes()
+        if self.memory_limit is None:
+            return avail
+        left = max(0, self.memory_limit - (self.memory_in_use_bytes() or 0))
+        return left if avail is None else min(avail, left)
+
+    def limit_memory(self, limit: int | None, *, in_worker: bool = False) -> None:
+        """Apply ``--llmperf-memory-limit`` to this process. The estimate always uses it; a
+        backend whose allocator can be capped without harming the process enforces it too (a
+        CPU host only in a worker child: capping the pytest process itself would turn any
+        allocation of pytest's into a MemoryError)."""
+        self.memory_limit = limit
+
+    def memory_bandwidth(self) -> Bandwidth | None:
+        """Peak memory bandwidth of one device (roofline_fraction's limit): the vendor's
+        published figure for the device name this backend reports (``roofline.PEAKS``), None
+        for hardware not in that table. Asked once per run (provenance), never while timing."""
+        from ..roofline import published_peak
+
+        return published_peak(self.device_name())
 
     def oom_errors(self) -> tuple[type[BaseException], ...]:
         import torch

@@ -6,9 +6,15 @@ import contextlib
 import ctypes
 import os
 import platform
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from .base import Backend, Probe
+
+if TYPE_CHECKING:
+    from ..roofline import Bandwidth
+
+#: The host's copy bandwidth, measured once per process (see CpuBackend.memory_bandwidth).
+_measured: Optional[Bandwidth] = None
 
 
 def _status_kib(field: str) -> int | None:
@@ -84,6 +90,18 @@ class CpuBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"kernel": platform.release()}
 
+    def memory_bandwidth(self) -> Bandwidth | None:
+        """No datasheet knows a host's memory (channels, DIMMs, NUMA): measured, as a copy
+        (``roofline.copy_bandwidth``, ~0.3 s), once per process. The run's provenance carries
+        the figure to worker and rank processes, so every record of a run uses the same one
+        and children never measure it again."""
+        global _measured
+        if _measured is None:
+            from ..roofline import copy_bandwidth
+
+            _measured = copy_bandwidth(device=self.device_name())
+        return _measured
+
     def reset_peak_memory(self) -> None:
         """Start a fresh RSS high-water mark, so the peak is this workload's, not the process's.
 
@@ -111,6 +129,27 @@ class CpuBackend(Backend):
         import psutil
 
         return int(psutil.virtual_memory().available)
+
+    def memory_in_use_bytes(self) -> int | None:
+        # VmData is what RLIMIT_DATA counts (the cap children run under); RSS elsewhere.
+        kib = _status_kib("VmData") or _status_kib("VmRSS")
+        return None if kib is None else kib * 1024
+
+    def limit_memory(self, limit: int | None, *, in_worker: bool = False) -> None:
+        """In a worker child, a real cap: RLIMIT_DATA makes torch's allocator fail ("can't
+        allocate memory", recorded as oom) where a full host would invoke the OOM killer."""
+        if limit is None or not in_worker:
+            super().limit_memory(limit, in_worker=in_worker)
+            return
+        import resource
+
+        # The ranks of a group share the host: each gets its part.
+        share = limit // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            share = min(share, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (share, hard))
+        super().limit_memory(share, in_worker=in_worker)
 
     def oom_errors(self) -> tuple[type[BaseException], ...]:
         import torch

@@ -50,6 +50,22 @@ class CudaBackend(TorchDeviceBackend):
         free, _total = torch.cuda.mem_get_info()
         return int(free)
 
+    def memory_in_use_bytes(self) -> int | None:
+        import torch
+
+        return int(torch.cuda.memory_reserved())
+
+    def limit_memory(self, limit: int | None, *, in_worker: bool = False) -> None:
+        """torch's caching allocator enforces a per-process fraction of the device: past it,
+        allocations raise torch.OutOfMemoryError (recorded as oom) as a full device would."""
+        super().limit_memory(limit, in_worker=in_worker)
+        import torch
+
+        for index in range(torch.cuda.device_count()):
+            total = torch.cuda.get_device_properties(index).total_memory
+            fraction = 1.0 if limit is None else min(1.0, limit / total)
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
+
     def free_memory(self) -> None:
         import torch
 

@@ -336,7 +336,7 @@ class AccelerateEngine(Engine):
         if main in ("cpu", "mps"):
             budget[main] = host_available()
         else:
-            free = backend.available_memory_bytes()
+            free = backend.usable_memory_bytes()
             if free is None:
                 from accelerate.utils import get_max_memory
 

@@ -8,7 +8,8 @@ call's ``launcher=`` argument).
   devices run as a torchrun group, whose ranks are child processes as well.
 - ``torchrun`` — ``devices > 1``: one rank per device through ``torch.distributed.run``.
 - ``auto`` — ``torchrun`` for several devices, ``process`` when the workload asks for fresh
-  processes or its engine declares it can crash the interpreter (``Engine.may_crash``), else
+  processes, its engine declares it can crash the interpreter (``Engine.may_crash``), or
+  ``--llmperf-memory-limit`` caps a CPU host (only a child can run under a real cap), else
   ``inline``.
 """
 
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..backends.base import Backend
 from ..errors import UsageError
 from ..execute import ModelCache
 from ..models.store import CACHE_DIR_ENV, CACHE_SIZE_ENV, CheckpointStore, default_cache_dir
-from ..settings import DEFAULT_CACHE_SIZE, format_size
+from ..settings import DEFAULT_CACHE_SIZE, MEMORY_LIMIT_ENV, format_size
 from ..spec import WorkloadSpec
 from .base import Launcher
 from .inline import InlineLauncher
@@ -42,15 +44,21 @@ class LaunchSettings:
     #: Size cap of that cache in bytes (None: unlimited); children evict under the same cap.
     cache_size: Optional[int] = DEFAULT_CACHE_SIZE
     python: str = sys.executable
+    #: --llmperf-memory-limit: workers and ranks run under it (see Backend.limit_memory).
+    memory_limit: Optional[int] = None
 
     def child_env(self) -> dict[str, str]:
-        """The environment of a worker or rank: this one, plus where the checkpoint cache is
-        and its cap."""
-        return {
+        """The environment of a worker or rank: this one, plus where the checkpoint cache is,
+        its cap, and the memory cap."""
+        env = {
             **os.environ,
             CACHE_DIR_ENV: str(self.cache_dir),
             CACHE_SIZE_ENV: format_size(self.cache_size),
         }
+        env.pop(MEMORY_LIMIT_ENV, None)
+        if self.memory_limit is not None:
+            env[MEMORY_LIMIT_ENV] = str(self.memory_limit)
+        return env
 
     def store(self) -> CheckpointStore:
         """The checkpoint cache these settings describe."""
@@ -67,8 +75,14 @@ class Launchers:
         self.cache = cache if cache is not None else ModelCache(store=self.settings.store())
         self._made: dict[str, Launcher] = {}
 
-    def choose(self, spec: WorkloadSpec, requested: str) -> Launcher:
-        name = _choose_name(spec, requested)
+    def choose(
+        self, spec: WorkloadSpec, requested: str, backend: Optional[Backend] = None
+    ) -> Launcher:
+        # Under a memory cap a host's memory is capped for real only in a child process.
+        capped = (
+            self.settings.memory_limit is not None and backend is not None and backend.shared_memory
+        )
+        name = _choose_name(spec, requested, capped_host=capped)
         if name not in self._made:
             self._made[name] = self._make(name)
         return self._made[name]
@@ -93,7 +107,7 @@ class Launchers:
         self._made.clear()
 
 
-def _choose_name(spec: WorkloadSpec, requested: str) -> str:
+def _choose_name(spec: WorkloadSpec, requested: str, capped_host: bool = False) -> str:
     if requested not in NAMES:
         raise UsageError(f"launcher={requested!r}: expected one of {', '.join(NAMES)}")
     if requested == "deepspeed":
@@ -110,7 +124,8 @@ def _choose_name(spec: WorkloadSpec, requested: str) -> str:
         # Several devices always run as a rank group: its ranks are child processes too.
         return "torchrun"
     if requested == "auto":
-        return "process" if spec.fresh != "no" or _may_crash(spec.engine) else "inline"
+        child = spec.fresh != "no" or capped_host or _may_crash(spec.engine)
+        return "process" if child else "inline"
     if spec.fresh != "no" and requested == "inline":
         raise UsageError(
             f"this workload asks for a fresh process per {spec.fresh} (fresh={spec.fresh!r}); "

@@ -12,9 +12,10 @@ import contextlib
 import os
 import signal
 import subprocess
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from ..backends.base import Backend
+from ..progress import ProgressFn
 from ..results import Record
 from ..spec import RecordContext, WorkloadSpec
 
@@ -22,7 +23,16 @@ from ..spec import RecordContext, WorkloadSpec
 class Launcher:
     name: ClassVar[str] = ""
 
-    def run(self, spec: WorkloadSpec, context: RecordContext, backend: Backend) -> Record:
+    def run(
+        self,
+        spec: WorkloadSpec,
+        context: RecordContext,
+        backend: Backend,
+        *,
+        progress: Optional[ProgressFn] = None,
+    ) -> Record:
+        """Measure ``spec``; ``progress`` hears where it stands (between rounds only), from
+        whichever process runs it."""
         raise NotImplementedError
 
     def close(self) -> None:

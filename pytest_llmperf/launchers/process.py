@@ -26,6 +26,7 @@ from typing import IO, Any, Callable, ClassVar, Optional
 
 from ..backends.base import Backend
 from ..errors import SkipWorkload, UsageError
+from ..progress import ChildProgress, Progress, ProgressFn
 from ..results import MetricValue, Record
 from ..spec import RecordContext, WorkloadSpec
 from . import LaunchSettings
@@ -77,7 +78,16 @@ class Worker:
         )
         self._buffer = b""
 
-    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def request(
+        self,
+        message: dict[str, Any],
+        timeout: float,
+        progress: Optional[ProgressFn] = None,
+        first: Optional[Progress] = None,
+    ) -> dict[str, Any]:
+        """Send one request and wait for its reply. Lines ``{"progress": {...}}`` before it are
+        the child's progress events (worker.py), handed to ``progress`` with the child's pid;
+        anything else is the reply, or what the child did instead of replying."""
         assert self.proc.stdin is not None
         before = oom_kills()
         try:
@@ -85,38 +95,49 @@ class Worker:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # it died before reading: the read below reports how
-        line = self._readline(timeout)
-        if line is None:
-            self.kill()
-            raise WorkerFailed(f"timed out after {timeout:g} s (--llmperf-timeout)")
-        if not line:
-            code = self.proc.wait()
-            after = oom_kills()
-            oom = code == -signal.SIGKILL and None not in (before, after) and after > before  # type: ignore[operator]
-            why = "killed by the kernel's OOM killer" if oom else exit_reason(code)
-            raise WorkerFailed(f"worker {why}", oom=oom)
-        try:
-            reply = json.loads(line)
-        except ValueError:
-            self.kill()
-            raise WorkerFailed(
-                f"worker answered something other than JSON: {line[:200]!r}"
-            ) from None
-        if not isinstance(reply, dict):
-            raise WorkerFailed(f"worker answered {type(reply).__name__}, not an object")
-        return reply
+        watch = ChildProgress(progress, self.proc.pid, first=first) if progress else None
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._readline(deadline, watch)
+            if line is None:
+                self.kill()
+                raise WorkerFailed(f"timed out after {timeout:g} s (--llmperf-timeout)")
+            if not line:
+                code = self.proc.wait()
+                after = oom_kills()
+                oom = code == -signal.SIGKILL and None not in (before, after) and after > before  # type: ignore[operator]
+                why = "killed by the kernel's OOM killer" if oom else exit_reason(code)
+                raise WorkerFailed(f"worker {why}", oom=oom)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                self.kill()
+                raise WorkerFailed(
+                    f"worker answered something other than JSON: {line[:200]!r}"
+                ) from None
+            if not isinstance(reply, dict):
+                raise WorkerFailed(f"worker answered {type(reply).__name__}, not an object")
+            if set(reply) != {"progress"}:
+                return reply
+            if watch is not None:
+                watch.receive(reply["progress"])
 
-    def _readline(self, timeout: float) -> Optional[bytes]:
-        """One line from the child; b"" at end of file, None when ``timeout`` passed first."""
+    def _readline(self, deadline: float, watch: Optional[ChildProgress] = None) -> Optional[bytes]:
+        """One line from the child; b"" at end of file, None when ``deadline`` (monotonic)
+        passed first. While it waits, ``watch`` ticks (the line shows the child is alive)."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             while b"\n" not in self._buffer:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
+                if left <= 0:
                     return None
+                wait = left if watch is None else min(left, max(0.05, watch.seconds_to_tick()))
+                if not sel.select(wait):
+                    if watch is not None:
+                        watch.tick()
+                    continue
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     return b""
@@ -151,26 +172,41 @@ class ProcessLauncher(Launcher):
         self._worker: Optional[Worker] = None
         self._key: Optional[tuple] = None
 
-    def run(self, spec: WorkloadSpec, context: RecordContext, backend: Backend) -> Record:
+    def run(
+        self,
+        spec: WorkloadSpec,
+        context: RecordContext,
+        backend: Backend,
+        *,
+        progress: Optional[ProgressFn] = None,
+        first: Optional[Progress] = None,
+    ) -> Record:
         if spec.fresh == "round":
-            return self._per_round(spec, context, backend)
+            return self._per_round(spec, context, backend, progress)
         key = (backend.name, spec.model, spec.dtype, spec.engine, spec.engine_options, spec.seed)
         if spec.fresh == "workload" or key != self._key:
             self.close()
         try:
-            return self._request(spec, context, backend, key)
+            return self._request(spec, context, backend, key, progress, first)
         finally:
             if spec.fresh == "workload":
                 self.close()
 
     def _request(
-        self, spec: WorkloadSpec, context: RecordContext, backend: Backend, key: tuple
+        self,
+        spec: WorkloadSpec,
+        context: RecordContext,
+        backend: Backend,
+        key: tuple,
+        progress: Optional[ProgressFn] = None,
+        first: Optional[Progress] = None,
     ) -> Record:
         if self._worker is None:
             self._worker, self._key = Worker(self.settings), key
         worker = self._worker
         try:
-            reply = worker.request(request(spec, context, backend), self.settings.timeout)
+            message = request(spec, context, backend)
+            reply = worker.request(message, self.settings.timeout, progress, first)
         except WorkerFailed as exc:
             record = error_record(spec, context, backend, with_tail(str(exc), worker.stderr_tail()))
             if exc.oom:
@@ -179,9 +215,24 @@ class ProcessLauncher(Launcher):
             return record
         return from_reply(reply, spec, context, backend, worker.stderr_tail)
 
-    def _per_round(self, spec: WorkloadSpec, context: RecordContext, backend: Backend) -> Record:
+    def _per_round(
+        self,
+        spec: WorkloadSpec,
+        context: RecordContext,
+        backend: Backend,
+        progress: Optional[ProgressFn] = None,
+    ) -> Record:
         one = replace(spec, rounds=1, fresh="workload")
-        records = [self.run(one, context, backend) for _ in range(spec.rounds)]
+        records = [
+            self.run(
+                one,
+                context,
+                backend,
+                progress=_round_of(progress, index, spec.rounds),
+                first=Progress("rounds", index, spec.rounds),
+            )
+            for index in range(spec.rounds)
+        ]
         failed = next((r for r in records if r.outcome != "ok"), None)
         return failed if failed is not None else merge_rounds(records)
 
@@ -189,6 +240,20 @@ class ProcessLauncher(Launcher):
         if self._worker is not None:
             self._worker.stop()
         self._worker = self._key = None
+
+
+def _round_of(progress: Optional[ProgressFn], index: int, total: int) -> Optional[ProgressFn]:
+    """Progress of round ``index`` in its own process, counted among all ``total`` rounds
+    (the child itself runs one round of one)."""
+    if progress is None:
+        return None
+
+    def report(event: Progress) -> None:
+        if event.phase == "rounds":
+            event = replace(event, done=index + event.done, total=total)
+        progress(event)
+
+    return report
 
 
 def with_tail(why: str, tail: str) -> str:

@@ -18,14 +18,17 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from ..backends.base import Backend
 from ..errors import SkipWorkload
 from ..execute import model_of
+from ..progress import ChildProgress, ProgressFn
 from ..results import Record
+from ..roofline import Bandwidth
 from ..spec import RecordContext, WorkloadSpec
 from . import LaunchSettings
 from .base import Launcher, error_record, exit_reason, kill_group, request
@@ -38,7 +41,14 @@ class TorchrunLauncher(Launcher):
     def __init__(self, settings: LaunchSettings) -> None:
         self.settings = settings
 
-    def run(self, spec: WorkloadSpec, context: RecordContext, backend: Backend) -> Record:
+    def run(
+        self,
+        spec: WorkloadSpec,
+        context: RecordContext,
+        backend: Backend,
+        *,
+        progress: Optional[ProgressFn] = None,
+    ) -> Record:
         if importlib.util.find_spec("torch.distributed.run") is None:
             raise SkipWorkload("torchrun unavailable: torch.distributed.run cannot be imported")
         spec = self._with_weights(spec)
@@ -49,7 +59,7 @@ class TorchrunLauncher(Launcher):
                 Path(tmp) / "log",
             )
             message.write_text(json.dumps(request(spec, context, backend)), encoding="utf-8")
-            code = self._launch(spec.devices, message, out, log)
+            code = self._launch(spec.devices, message, out, log, progress)
             tail = _tail(log)
             if code is None:
                 why = (
@@ -77,8 +87,18 @@ class TorchrunLauncher(Launcher):
             raise SkipWorkload(str(exc)) from None
         return replace(spec, weights=str(directory))
 
-    def _launch(self, ranks: int, request: Path, out: Path, log: Path) -> int | None:
-        """torchrun's exit code, or None when the group ran past the timeout (then killed)."""
+    def _launch(
+        self,
+        ranks: int,
+        request: Path,
+        out: Path,
+        log: Path,
+        progress: Optional[ProgressFn] = None,
+    ) -> int | None:
+        """torchrun's exit code, or None when the group ran past the timeout (then killed).
+        With ``progress``, rank 0 appends its events to a file next to the reply, which is
+        read while the group runs."""
+        events = out.with_name("progress")
         cmd = [
             self.settings.python,
             "-m",
@@ -90,17 +110,52 @@ class TorchrunLauncher(Launcher):
             "--rank",
             f"--request={request}",
             f"--out={out}",
+            *([f"--progress={events}"] if progress is not None else []),
         ]
         env = {**self.settings.child_env(), "OMP_NUM_THREADS": str(max(1, _cpus() // ranks))}
         with open(log, "wb") as sink:
             proc = subprocess.Popen(
                 cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )
-            try:
-                return proc.wait(timeout=self.settings.timeout)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
-                return None
+            deadline = time.monotonic() + self.settings.timeout
+            watch = ChildProgress(progress, proc.pid) if progress is not None else None
+            read = 0
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    return proc.wait(timeout=max(0.0, min(left, POLL_S if watch else left)))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        kill_group(proc)
+                        return None
+                if watch is not None:
+                    read = _forward(events, read, watch)
+                    watch.tick()
+
+
+#: How often the group's progress file is read while it runs (a few stat and read calls of
+#: a small file: nothing next to the ranks' work).
+POLL_S = 0.25
+
+
+def _forward(events: Path, read: int, watch: ChildProgress) -> int:
+    """Hand rank 0's events written since byte ``read`` to ``watch``; returns how far the
+    complete lines reach. A line that is not an event is skipped: the reply decides the record."""
+    try:
+        with open(events, "rb") as f:
+            f.seek(read)
+            chunk = f.read()
+    except OSError:
+        return read
+    complete, newline, _ = chunk.rpartition(b"\n")
+    for line in complete.splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            watch.receive(data.get("progress"))
+    return read + len(complete) + len(newline)
 
 
 def _tail(log: Path, lines: int = 20) -> str:
@@ -195,8 +250,14 @@ class RankBackend(Backend):
     def available_memory_bytes(self) -> int | None:
         return self.inner.available_memory_bytes()
 
-    def memory_bandwidth_bytes_per_s(self) -> float | None:
-        return self.inner.memory_bandwidth_bytes_per_s()
+    def memory_in_use_bytes(self) -> int | None:
+        return self.inner.memory_in_use_bytes()
+
+    def usable_memory_bytes(self) -> int | None:
+        return self.inner.usable_memory_bytes()
+
+    def memory_bandwidth(self) -> Bandwidth | None:
+        return self.inner.memory_bandwidth()
 
     def oom_errors(self) -> tuple[type[BaseException], ...]:
         return self.inner.oom_errors()

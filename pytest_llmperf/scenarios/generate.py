@@ -37,7 +37,7 @@ def check_context(spec: WorkloadSpec, model: ModelSpec, prompt_tokens: int) -> N
     limit = model.shape().max_positions
     if limit is not None and prompt_tokens + spec.new_tokens > limit:
         raise UsageError(
-            f"llmperf.generate(model={spec.model!r}): {prompt_tokens} prompt tokens + "
+            f"llmperf.{spec.kind}(model={spec.model!r}): {prompt_tokens} prompt tokens + "
             f"{spec.new_tokens} new tokens exceed its context of {limit} positions; shorten the "
             "prompt or new_tokens"
         )
@@ -118,10 +118,60 @@ class GenerateScenario(Scenario):
         record.output_head = rows[0][:128]
         record.metrics["ttft_s"] = MetricValue.from_samples("ttft_s", timing.ttft)
         record.metrics["tpot_s"] = MetricValue.from_samples("tpot_s", timing.tpot)
-        bandwidth = backend.memory_bandwidth_bytes_per_s()
-        tpot = record.value("tpot_s")
-        if bandwidth and tpot:
-            per_device = loaded.weight_bytes / spec.devices
-            record.metrics["roofline_fraction"] = MetricValue(
-                "roofline_fraction", (per_device / bandwidth) / tpot
-            )
+        fill_roofline(record, timing, inputs, loaded, spec, backend)
+
+
+#: Below this share of its weights on the devices a model is offloaded (host memory, disk):
+#: its decode steps wait on PCIe or the disk, which the device's bandwidth does not bound.
+RESIDENT_SHARE = 0.9
+
+
+def fill_roofline(
+    record: Record,
+    timing: Timing,
+    inputs: Prompt,
+    loaded: LoadedModel,
+    spec: WorkloadSpec,
+    backend: Backend,
+) -> None:
+    """roofline_fraction per round: (bytes a decode step reads per device ÷ the device's
+    bandwidth) ÷ that round's tpot (see roofline.py). The bandwidth is the run's, from
+    provenance (collected once in the pytest process); without one, the backend is asked."""
+    from .. import engines, roofline
+    from ..execute import model_of
+
+    if not timing.tpot:
+        return
+    if "memory_bandwidth" in record.provenance:
+        bandwidth = roofline.Bandwidth.from_json(record.provenance["memory_bandwidth"])
+    else:
+        bandwidth = backend.memory_bandwidth()
+    if bandwidth is None:
+        return  # unknown hardware: provenance says so, once per run
+    engine = engines.get_engine(spec.engine)
+    model = model_of(spec)
+    full = engine.weight_bytes(model, spec.dtype)
+    if loaded.weight_bytes < RESIDENT_SHARE * full:
+        held = f"{loaded.weight_bytes / full:.0%}" if full else "none"
+        note = (
+            f"roofline_fraction not computed: {held} of the weights are on the device, the rest "
+            "offloaded, so decode steps are not bound by the device's memory bandwidth"
+        )
+        record.note = "; ".join(filter(None, [record.note, note]))
+        return
+    step = roofline.decode_bytes(
+        model,
+        dtype=spec.dtype,
+        resident_weight_bytes=loaded.weight_bytes,
+        batch_size=spec.batch_size,
+        prompt_tokens=inputs.tokens,
+        new_tokens=spec.new_tokens,
+        devices=spec.devices,
+        parallelism=engine.parallelism,
+    )
+    # Ranks on one host's memory (CPU cores) share its bandwidth.
+    per_device = bandwidth.bytes_per_s / (spec.devices if backend.shared_memory else 1)
+    record.metrics["roofline_fraction"] = MetricValue.from_samples(
+        "roofline_fraction",
+        [roofline.fraction(step.total, per_device, t) for t in timing.tpot if t > 0],
+    )

@@ -24,6 +24,7 @@ from .engines.base import Engine, LoadedModel
 from .errors import SkipWorkload, UsageError
 from .models.store import CheckpointStore
 from .noise import SCATTER_LIMIT, busy_load, scatter
+from .progress import Progress, ProgressFn, notify
 from .results import MetricValue, Record
 from .scenarios.base import Scenario
 from .spec import RecordContext, WorkloadSpec
@@ -92,6 +93,21 @@ def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, mod
         engine.check_options(spec.options)
     except UsageError as exc:
         raise UsageError(f"llmperf.{spec.kind}(engine_options=...): {exc}") from None
+    if not engine.implements(scenario.engine_method):
+        raise UsageError(
+            f"llmperf.{spec.kind}(engine={engine.name!r}): the engine has no "
+            f"{scenario.engine_method}(), so it cannot run this kind of workload; "
+            "engine='transformers' does"
+        )
+    if model.task not in scenario.tasks:
+        raise UsageError(wrong_task(spec, model))
+    if model.task not in engine.tasks:
+        builds = " and ".join(_TASK_PLURALS[t] for t in engine.tasks)
+        raise UsageError(
+            f"llmperf.{spec.kind}(engine={engine.name!r}): {spec.model} is "
+            f"{_TASK_WORDS[model.task]} ({model.family}) and engine {engine.name!r} builds "
+            f"{builds} only; engine='transformers' builds it"
+        )
     scenario.validate(spec, model)
     count = backend.device_count()
     if spec.devices > count:
@@ -100,6 +116,26 @@ def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, mod
     if reason:
         raise SkipWorkload(reason)
     return scenario, engine, model
+
+
+_TASK_WORDS = {
+    "causal-lm": "a causal LM",
+    "encoder": "an encoder",
+    "image-encoder": "an image encoder",
+}
+_TASK_PLURALS = {
+    "causal-lm": "causal LMs",
+    "encoder": "encoders",
+    "image-encoder": "image encoders",
+}
+
+
+def wrong_task(spec: WorkloadSpec, model: models.ModelSpec) -> str:
+    """The one line for a model of a kind the workload does not run (an encoder to generate)."""
+    what = f"{spec.model} is {_TASK_WORDS[model.task]} ({model.family})"
+    if model.task == "causal-lm":
+        return f"{what}: llmperf.{spec.kind} does not run it"
+    return f"{what}: llmperf.{spec.kind} needs a causal LM; time it with llmperf.forward"
 
 
 def model_of(spec: WorkloadSpec) -> models.ModelSpec:
@@ -116,11 +152,15 @@ def execute(
     context: RecordContext,
     backend: Backend,
     cache: Optional[ModelCache] = None,
+    progress: Optional[ProgressFn] = None,
 ) -> Record:
-    """Measure ``spec`` on ``backend``; the record's outcome is ok or oom (errors raise)."""
+    """Measure ``spec`` on ``backend``; the record's outcome is ok or oom (errors raise).
+    ``progress`` hears when the model loads and, from the timing loop, between rounds."""
     scenario, engine, model = resolve(spec, backend)
-    job = _Job(spec, backend, scenario, engine, model, cache if cache is not None else ModelCache())
+    cache = cache if cache is not None else ModelCache()
+    job = _Job(spec, backend, scenario, engine, model, cache, progress)
     record = context.new_record(spec, backend.name)
+    scenario.describe(record, spec, model)
     if scenario.measures_load:
         return job.measure_loads(record)
     loaded = job.cache.get(job.key)
@@ -128,6 +168,7 @@ def execute(
     if short is not None:
         return _not_run(record, *short)
     if loaded is None:
+        notify(progress, Progress("load"))
         loaded = job.load(record)
         if loaded is None:
             return record
@@ -154,6 +195,7 @@ class _Job:
     engine: Engine
     model: models.ModelSpec
     cache: ModelCache
+    progress: Optional[ProgressFn] = None
 
     @property
     def key(self) -> tuple:
@@ -170,7 +212,7 @@ class _Job:
         )
 
     def _free(self, resident: int) -> Optional[int]:
-        avail = self.backend.available_memory_bytes()
+        avail = self.backend.usable_memory_bytes()
         if avail is None:
             return None
         return (avail if self.backend.shared_memory else avail * self.spec.devices) + resident
@@ -248,6 +290,9 @@ class _Job:
                 warmup=spec.warmup,
                 new_tokens=spec.new_tokens,
                 count_new_tokens=lambda out: scenario.produced(out, inputs),
+                token_times=scenario.token_times,
+                progress=self.progress,
+                tokens_per_round=scenario.tokens_per_round(spec, inputs),
             )
         except Exception as exc:
             if not is_oom(exc, self.backend):
@@ -257,7 +302,13 @@ class _Job:
             record.note = f"out of memory while {scenario.activity}: {exc}"
             return record
         scenario.fill(record, timing, inputs, loaded, spec, self.backend)
-        fill_timing(record, timing, self.backend, tokens=spec.batch_size * spec.new_tokens)
+        fill_timing(
+            record,
+            timing,
+            self.backend,
+            tokens=scenario.tokens_per_round(spec, inputs),
+            main=scenario.main_metric,
+        )
         return record
 
 
@@ -315,5 +366,9 @@ def fill_timing(
 def is_oom(exc: BaseException, backend: Backend) -> bool:
     if isinstance(exc, backend.oom_errors()):
         return True
-    # SynapseAI and the Neuron runtime raise RuntimeError with the words in the message.
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    # SynapseAI and the Neuron runtime raise RuntimeError with the words in the message;
+    # torch's CPU allocator under a memory cap (RLIMIT_DATA) says it cannot allocate.
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )

@@ -22,6 +22,7 @@ from . import settings as S
 
 if TYPE_CHECKING:
     from .backends import Backend
+    from .progress import ProgressLine
     from .runner import LLMPerf
     from .state import RunState
 
@@ -40,6 +41,7 @@ HANDLE = pytest.StashKey["LLMPerf"]()
 VERDICTS = pytest.StashKey[list]()
 SKIP = pytest.StashKey[dict]()
 GATE_FAILED = pytest.StashKey[bool]()
+PROGRESS = pytest.StashKey[Optional["ProgressLine"]]()
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class _Config:
     workers: int
     #: Registered models: name -> models.Registration.
     models: dict[str, Any]
+    #: --llmperf-prompts, read and checked at start-up, and the file it names.
+    prompts: Optional[tuple[str, ...]] = None
+    prompts_path: Optional[Path] = None
 
 
 # -- options and configuration -----------------------------------------------------------------
@@ -134,6 +139,12 @@ def _resolve_config(config: pytest.Config) -> _Config:
                 raise S.SettingError(
                     f"{settings.sources['report']}: {target} exists and is not a file"
                 )
+        plots = report_dir / "plots"
+        if plots.exists() and not plots.is_dir():
+            raise S.SettingError(
+                f"{settings.sources['report']}: {plots} exists and is not a directory (the "
+                "report's plots go there)"
+            )
     # [tool.llmperf] lives in the pyproject.toml pytest read, else in the rootdir's.
     ini = Path(config.inipath) if config.inipath else None
     pyproject = (
@@ -145,6 +156,7 @@ def _resolve_config(config: pytest.Config) -> _Config:
         config.getini("llmperf_models_file"), where, inidir or cwd, pyproject
     )
     _check_model_names(settings, registry)
+    prompts_path = _directory(settings, "prompts", cwd, inidir)
     return _Config(
         settings,
         Path(config.rootpath),
@@ -153,15 +165,30 @@ def _resolve_config(config: pytest.Config) -> _Config:
         aliases,
         _workers(config),
         registry,
+        prompts=_read_prompts(prompts_path, settings.sources["prompts"]),
+        prompts_path=prompts_path,
     )
+
+
+def _read_prompts(path: Optional[Path], source: str) -> Optional[tuple[str, ...]]:
+    """--llmperf-prompts at start-up: a bad file is one line naming the option, the file and
+    the line, before any test has spent time on a model."""
+    if path is None:
+        return None
+    from .prompts import PromptFileError, read_prompts
+
+    try:
+        return read_prompts(path)
+    except PromptFileError as exc:
+        raise S.SettingError(f"{source}: {exc}") from None
 
 
 def _directory(
     settings: S.Settings, name: str, cwd: Path, inidir: Optional[Path]
 ) -> Optional[Path]:
-    """An option's directory: a relative ini value is read from the ini file's directory, a
-    command-line or environment value from the directory pytest was started in, as a shell
-    user expects. Never pytest's rootdir, which moves with the arguments."""
+    """An option's directory (or file): a relative ini value is read from the ini file's
+    directory, a command-line or environment value from the directory pytest was started in, as
+    a shell user expects. Never pytest's rootdir, which moves with the arguments."""
     value = settings.values[name]
     if value is None:
         return None
@@ -223,8 +250,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+#: What the generation and load suites run: causal LMs (``ModelSpec.task``).
+CAUSAL_LM = ("causal-lm",)
+#: What a forward-pass suite of encoders runs (reference 004).
+ENCODERS = ("encoder", "image-encoder")
+
+
 def parametrize_models(
-    metafunc: pytest.Metafunc, argname: str = "model", families: Optional[tuple[str, ...]] = None
+    metafunc: pytest.Metafunc,
+    argname: str = "model",
+    families: Optional[tuple[str, ...]] = None,
+    tasks: tuple[str, ...] = CAUSAL_LM,
 ) -> None:
     """Parametrize ``argname`` with the models --llmperf-models selects (see
     :func:`selected_models`)."""
@@ -232,28 +268,37 @@ def parametrize_models(
         argname,
         [
             model_param(name, tier)
-            for name, tier, family in selected_models(metafunc.config)
+            for name, tier, family in selected_models(metafunc.config, tasks)
             if families is None or family is None or family in families
         ],
     )
 
 
-def selected_models(config: pytest.Config) -> list[tuple[str, Optional[str], Optional[str]]]:
-    """(name, tier, family) of the models --llmperf-models selects.
+def selected_models(
+    config: pytest.Config, tasks: tuple[str, ...] = CAUSAL_LM
+) -> list[tuple[str, Optional[str], Optional[str]]]:
+    """(name, tier, family) of the models --llmperf-models selects, of those ``tasks`` only
+    (``ModelSpec.task``; causal LMs unless asked: a generation suite given ``tiny`` or a list
+    naming encoders leaves the encoders to a forward suite, and the reverse).
 
     A tier (``auto``, ``tiny``, ``full``) gives the catalog's suite models of that tier; with
     ``auto`` the tier follows the backend: tiny models on CPU, full ones on accelerators. When
     both kinds of backend are selected, both tiers are collected and each test instance whose
     model does not fit its backend's tier is skipped at setup. A list of names (catalog ids,
-    registered names, checkpoint directories) runs exactly those, on every backend (tier and
-    family None: a name is not resolved while collecting).
+    registered names, checkpoint directories) runs exactly those of ``tasks``, on every backend
+    (tier and family None: a name is not resolved while collecting; its task is read from its
+    config.json, and a name whose task cannot be told that way is kept).
     """
     from . import models
 
     state = _state(config)
     chosen = state.settings.models
     if chosen not in S.MODEL_TIERS:
-        return [(name, None, None) for name in chosen.split(",")]
+        return [
+            (name, None, None)
+            for name in chosen.split(",")
+            if model_task(config, name) in (*tasks, None)
+        ]
     tiers = (
         [chosen]
         if chosen != "auto"
@@ -262,8 +307,27 @@ def selected_models(config: pytest.Config) -> list[tuple[str, Optional[str], Opt
     return [
         (model_id, t, models.get(model_id).family)
         for t in tiers
-        for model_id in models.models_for_tier(t)
+        for model_id in models.models_for_tier(t, tasks)
     ]
+
+
+def model_task(config: pytest.Config, name: str) -> Optional[str]:
+    """The task of a model name while collecting, without torch or transformers (a catalog
+    entry's, else what its config.json says: ``models.registry.task_hint``); None when it
+    cannot be told."""
+    from .models.registry import task_hint
+
+    return task_hint(name, config.stash[CONFIG].models)
+
+
+def dataset_prompts(config: pytest.Config) -> tuple[str, ...]:
+    """The prompts ``llmperf.generate_dataset`` runs when a test gives none: --llmperf-prompts,
+    else the shipped file. A dataset suite names them in its parameters (by digest), so another
+    file starts another baseline instead of being judged against this one's."""
+    from . import prompts
+
+    found = config.stash[CONFIG].prompts
+    return found if found is not None else prompts.shipped()
 
 
 def engine_id(model: str, engine: str, dtype: str, options: Optional[dict[str, Any]]) -> str:
@@ -535,10 +599,63 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         shared_workers=state.workers if state.workers > 1 else 0,
         launcher=marker.launcher or settings.launcher,
         models=item.config.stash[CONFIG].models,
+        prompts=item.config.stash[CONFIG].prompts,
+        prompts_source=str(item.config.stash[CONFIG].prompts_path or ""),
+        oom_series=state.oom_series,
+        progress=_progress_line(item.config),
     )
     handle = LLMPerf(llmperf_backend, context, state.launchers)
     item.stash[HANDLE] = handle
     return handle
+
+
+def _progress_line(config: pytest.Config) -> Optional[ProgressLine]:
+    """The live progress line (progress.py) on pytest's terminal, made on first use; None
+    where drawing would garble output or nobody watches: under -q, when the output is not a
+    terminal (CI logs get the final table instead of a line per round), with -s, tee-sys
+    capture or live logging (the test's own output would land in the line), on a dumb
+    terminal, in an xdist worker (its output is not a terminal)."""
+    if PROGRESS not in config.stash:
+        config.stash[PROGRESS] = _make_progress_line(config)
+    return config.stash[PROGRESS]
+
+
+def _make_progress_line(config: pytest.Config) -> Optional[ProgressLine]:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if (
+        reporter is None
+        or not reporter.isatty
+        or hasattr(config, "workerinput")
+        or config.getoption("verbose", 0) < 0
+        or config.getoption("capture", "fd") in ("no", "tee-sys")
+        or config.getini("log_cli")
+        or config.getoption("log_cli_level", None) is not None
+        or os.environ.get("TERM") == "dumb"
+    ):
+        return None
+    import contextlib
+
+    from .progress import ProgressLine
+
+    writer = config.get_terminal_writer()
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(text: str) -> None:
+        # Draws happen while the test runs, with its output captured: past the capture, raw
+        # (pytest's idea of its current line, which aligns its [ 50%], stays as it was).
+        quiet = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+        with quiet:
+            writer.write_raw(text, flush=True)
+
+    return ProgressLine(
+        write, width=lambda: writer.fullwidth, column=lambda: writer.width_of_current_line
+    )
+
+
+def _clear_progress(config: pytest.Config) -> None:
+    line = config.stash.get(PROGRESS, None)
+    if line is not None:
+        line.clear()
 
 
 # -- running and judging -----------------------------------------------------------------------
@@ -604,6 +721,8 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
+    # The report is logged next (the test's letter or PASSED): the progress line goes first.
+    _clear_progress(item.config)
     if not _uses_llmperf(item):
         return report
     if report.skipped and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
@@ -664,6 +783,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
     # Before yielding: every test has run, and the terminal summary (printed after the inner
     # hooks) must already know what the baseline update changed.
     config = session.config
+    _clear_progress(config)  # an interrupted test's line, before the summary is written
     if not _has_state(config):
         return (yield)
     state = _state(config)

@@ -78,6 +78,10 @@ class Record:
     inconclusive: bool = False
     measurements: list[float] = field(default_factory=list)
     change: str | None = None
+    #: The first prompts as the model saw them and the text it generated after them
+    #: ({"prompt", "continuation"}), for people to read: in results.json and summary.md,
+    #: never in a baseline (text is no measurement; output_digest is what is compared).
+    generated_text: list[dict[str, str]] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
         # result.e2e_latency_s reads like the README's metric table.
@@ -92,7 +96,7 @@ class Record:
     @property
     def main_metric(self) -> str:
         """The headline metric: ``e2e_latency_s`` for generate, ``time_s`` for measure,
-        ``load_time_s`` for load."""
+        ``dataset_time_s`` for generate_dataset, ``load_time_s`` for load."""
         return main_metric(self.metrics)
 
     @property
@@ -135,6 +139,7 @@ class Record:
             "inconclusive": self.inconclusive,
             "measurements": list(self.measurements),
             "change": self.change,
+            "generated_text": [dict(item) for item in self.generated_text],
         }
 
     @classmethod
@@ -161,4 +166,5 @@ class Record:
             inconclusive=bool(data.get("inconclusive", False)),
             measurements=list(data.get("measurements") or []),
             change=data.get("change"),
+            generated_text=[dict(item) for item in data.get("generated_text") or []],
         )

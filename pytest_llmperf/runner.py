@@ -12,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Optional
 
+from . import progress as live
 from .backends.base import Backend
 from .errors import SkipWorkload, UsageError
 from .execute import ModelCache, fill_timing, is_oom, resolve
 from .launchers import Launchers
 from .measure import Timing, run_rounds
-from .metrics import LOAD_GATED
+from .metrics import FORWARD_GATED, LOAD_GATED
+from .progress import ProgressFn, ProgressLine
 from .results import Record
+from .series import OomSeries
 from .spec import RecordContext, WorkloadSpec, check_positive, freeze_options
 
 __all__ = ["LLMPerf", "SkipWorkload", "TestContext", "UsageError", "WorkloadCrashed"]
@@ -30,6 +34,13 @@ __all__ = ["LLMPerf", "SkipWorkload", "TestContext", "UsageError", "WorkloadCras
 #: Rounds of ``llmperf.load``: each is a new process and a whole load (minutes for a large
 #: model), and one run of them is one reading per round, not a timing loop.
 LOAD_ROUNDS = 3
+#: Rounds and warm-up calls of ``llmperf.forward`` (see its docstring): one forward pass takes
+#: milliseconds, and its percentiles need many rounds.
+FORWARD_ROUNDS = 100
+FORWARD_WARMUP = 10
+#: The fewest rounds ``llmperf.forward`` takes: from 20 rounds on p95 is (nearly) an observed
+#: round, below it an interpolation towards the slowest one, which a single hiccup decides.
+FORWARD_MIN_ROUNDS = 20
 
 
 class WorkloadCrashed(Exception):
@@ -55,6 +66,14 @@ class TestContext:
     launcher: str = "auto"
     #: Models the project registered ([tool.llmperf.models], ini llmperf_models_file).
     models: dict[str, Any] = field(default_factory=dict)
+    #: --llmperf-prompts, read at start-up (None: generate_dataset uses the shipped prompts),
+    #: and the file it was read from.
+    prompts: Optional[tuple[str, ...]] = None
+    prompts_source: str = ""
+    #: The session's batch-size series that ran out of memory (None: every size runs).
+    oom_series: Optional[OomSeries] = None
+    #: Where live progress is drawn (the plugin's terminal line; None: not drawn).
+    progress: Optional[ProgressLine] = None
 
 
 class LLMPerf:
@@ -71,6 +90,9 @@ class LLMPerf:
         self.backend = backend
         self.context = context
         self.launchers = launchers if launchers is not None else Launchers(cache=cache)
+        limit = self.launchers.settings.memory_limit
+        if limit is not None and backend.memory_limit is None:
+            backend.limit_memory(limit)
         self.records: list[Record] = []
         self.overrides: dict[str, dict[str, Any]] = {}
         # What re-measures each workload: its spec (data) or its callable (measure).
@@ -162,6 +184,123 @@ class LLMPerf:
         self.overrides.setdefault(record.key, {}).setdefault("gate", LOAD_GATED)
         return record
 
+    def generate_dataset(
+        self,
+        model: str,
+        *,
+        prompts: Optional[Sequence[str]] = None,
+        max_prompts: Optional[int] = None,
+        batch_size: int = 1,
+        prompt_tokens: int = 16,
+        new_tokens: int = 50,
+        dtype: Optional[str] = None,
+        engine: str = "transformers",
+        engine_options: Optional[dict[str, Any]] = None,
+        devices: int = 1,
+        name: Optional[str] = None,
+        rounds: Optional[int] = None,
+        warmup: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        launcher: Optional[str] = None,
+    ) -> Record:
+        """Greedy generation over a dataset of prompts (scenarios/dataset.py): each prompt cut
+        to its first ``prompt_tokens`` tokens (shorter ones left-padded), exactly
+        ``new_tokens`` per prompt, in batches of ``batch_size``; a round is one pass over all
+        of them (``dataset_time_s``, gated). ``prompts`` defaults to --llmperf-prompts, else
+        the prompts shipped with the plugin; ``max_prompts`` keeps only the first N of them (a
+        quick run over a long file: a CPU smoke tier)."""
+        from . import prompts as prompt_files
+
+        where = "llmperf.generate_dataset(prompts=...)"
+        if prompts is not None:
+            try:
+                texts = prompt_files.check_list(prompts, where)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            source = prompt_files.ARGUMENT_SOURCE
+        elif self.context.prompts is not None:
+            texts, source = self.context.prompts, self.context.prompts_source
+        else:
+            texts, source = prompt_files.shipped(), prompt_files.SHIPPED_SOURCE
+        if max_prompts is not None:
+            check_positive("max_prompts", max_prompts)
+            if max_prompts < len(texts):
+                source = f"{source} (first {max_prompts} of {len(texts)})"
+                texts = texts[:max_prompts]
+        check_positive("prompt_tokens", prompt_tokens)
+        rounds, warmup = self._rounds(rounds, warmup)
+        spec = WorkloadSpec(
+            kind="generate_dataset",
+            model=model,
+            model_source=self.model_source("generate_dataset", model),
+            engine=engine,
+            engine_options=freeze_options(
+                engine_options, "llmperf.generate_dataset(engine_options=...)"
+            ),
+            dtype=dtype or self.backend.default_dtype,
+            batch_size=batch_size,
+            new_tokens=new_tokens,
+            prompt_tokens=prompt_tokens,
+            prompts=texts,
+            prompts_source=source,
+            devices=devices,
+            rounds=rounds,
+            warmup=warmup,
+        )
+        spec.check()
+        return self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
+
+    def forward(
+        self,
+        model: str,
+        batch_size: int = 1,
+        sequence_length: Optional[int] = None,
+        *,
+        dtype: Optional[str] = None,
+        engine: str = "transformers",
+        engine_options: Optional[dict[str, Any]] = None,
+        name: Optional[str] = None,
+        rounds: Optional[int] = None,
+        warmup: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        launcher: Optional[str] = None,
+    ) -> Record:
+        """One forward pass of ``model`` per round (scenarios/forward.py): reference 004's
+        encoder latency. Text models get exactly ``sequence_length`` tokens per row (128 when
+        left out), image models their config's image size (a ``sequence_length`` is then a
+        usage error); a causal LM's forward is its prefill. ``latency_p95_s`` is the headline
+        and gated (with the memory) unless the test names its own metrics.
+
+        ``rounds`` defaults to 100 and ``warmup`` to 10, not --llmperf-rounds/--llmperf-warmup
+        (sized for generate calls that take seconds): a forward takes milliseconds, and a
+        percentile needs rounds in its tail: with 10 rounds p95 and p99 would both be
+        interpolations towards the slowest round; with 100, p95 rests on the slowest five and
+        p99 on the slowest two. Fewer than 20 rounds is a usage error; warm-up calls (first-call
+        kernel selection, allocator growth) stay out of the tail."""
+        if rounds is not None and (not isinstance(rounds, int) or rounds < FORWARD_MIN_ROUNDS):
+            raise UsageError(
+                f"llmperf.forward(rounds={rounds!r}): expected an integer ≥ "
+                f"{FORWARD_MIN_ROUNDS}; percentiles need rounds in their tail"
+            )
+        if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
+            raise UsageError(f"llmperf.forward(warmup={warmup!r}): expected an integer ≥ 0")
+        spec = WorkloadSpec(
+            kind="forward",
+            model=model,
+            model_source=self.model_source("forward", model),
+            engine=engine,
+            engine_options=freeze_options(engine_options, "llmperf.forward(engine_options=...)"),
+            dtype=dtype or self.backend.default_dtype,
+            batch_size=batch_size,
+            sequence_length=sequence_length,
+            rounds=FORWARD_ROUNDS if rounds is None else rounds,
+            warmup=FORWARD_WARMUP if warmup is None else warmup,
+        )
+        spec.check()
+        record = self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
+        self.overrides.setdefault(record.key, {}).setdefault("gate", FORWARD_GATED)
+        return record
+
     def model_source(self, kind: str, model: str) -> Optional[str]:
         """What a model name stands for when it is not a catalog id, resolved here (the
         project's registry, paths from this working directory) for whichever process runs it."""
@@ -188,13 +327,27 @@ class LLMPerf:
         # Usage errors and skips are decided here, before any process is started or model
         # loaded, whichever launcher runs the workload.
         resolve(spec, self.backend)
-        chosen = self.launchers.choose(spec, launcher or self.context.launcher)
-        record = chosen.run(spec, context, self.backend)
+        chosen = self.launchers.choose(spec, launcher or self.context.launcher, self.backend)
+        series, backend = self.context.oom_series, self.backend.name
+        at = series.blocked_by(spec, context, backend) if series is not None else None
+        if series is not None and at is not None:
+            record = series.not_run(spec, context, backend, at)
+        else:
+            shown = live.label(spec)
+            record = chosen.run(spec, context, self.backend, progress=self._progress(shown))
+            if series is not None:
+                series.observe(spec, context, backend, record)
         self.records.append(record)
         if record.outcome == "error":
             raise WorkloadCrashed(f"{record.key}: {record.note}")
         if record.outcome == "ok":
-            self._again[record.key] = partial(chosen.run, spec.again(), context, self.backend)
+            self._again[record.key] = partial(
+                chosen.run,
+                spec.again(),
+                context,
+                self.backend,
+                progress=self._progress(f"{live.label(spec)} (measuring again)"),
+            )
         return record
 
     def measure(
@@ -223,7 +376,14 @@ class LLMPerf:
         self.records.append(record)
         if record.outcome == "ok":
             self._again[record.key] = partial(
-                self._measure_once, fn, context, batch_size, tokens, rounds, min(warmup, 1)
+                self._measure_once,
+                fn,
+                context,
+                batch_size,
+                tokens,
+                rounds,
+                min(warmup, 1),
+                again=True,
             )
         return record
 
@@ -248,6 +408,11 @@ class LLMPerf:
         self.records.append(record)
 
     # -- internals -----------------------------------------------------------------------
+    def _progress(self, what: str) -> Optional[ProgressFn]:
+        """Where one workload's progress goes: the test's terminal line, if it has one."""
+        line = self.context.progress
+        return None if line is None else live.reporter(line, what)
+
     def _rounds(self, rounds: Optional[int], warmup: Optional[int]) -> tuple[int, int]:
         if rounds is not None and (not isinstance(rounds, int) or rounds < 5):
             raise UsageError(f"rounds={rounds!r}: expected an integer ≥ 5")
@@ -289,18 +454,27 @@ class LLMPerf:
         tokens: Optional[int],
         rounds: int,
         warmup: int,
+        again: bool = False,
     ) -> Record:
         record = context.new_record(None, self.backend.name)
         record.workload.update(batch_size=batch_size, tokens=tokens)
+        total = batch_size * tokens if tokens else None
+        shown = context.key + (" (measuring again)" if again else "")
         try:
-            timing: Timing = run_rounds(self.backend, _checked(fn), rounds=rounds, warmup=warmup)
+            timing: Timing = run_rounds(
+                self.backend,
+                _checked(fn),
+                rounds=rounds,
+                warmup=warmup,
+                progress=self._progress(shown),
+                tokens_per_round=total,
+            )
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise
             self.backend.free_memory()
             record.outcome, record.note = "oom", f"out of memory: {exc}"
             return record
-        total = batch_size * tokens if tokens else None
         fill_timing(record, timing, self.backend, tokens=total, main="time_s")
         return record
 

@@ -156,6 +156,12 @@ def _path(text: str) -> str:
     return value
 
 
+def _file(text: str) -> str:
+    if not str(text).strip():
+        raise SettingError("expected a file path")
+    return _path(text)
+
+
 #: The checkpoint cache's default size cap (``--llmperf-cache-size``). 100 GiB holds two 7-8B
 #: models in both dtypes of the shipped suite (bf16 + fp32: 38 GiB for bloomz-7b1, 45 GiB for
 #: llama-3.1-8b), so a run alternating between two such models does not evict what it reuses
@@ -163,6 +169,8 @@ def _path(text: str) -> str:
 #: any cap a home directory affords: they should come from their real checkpoint. A node with a
 #: disk for the cache sets more, or 'unlimited'.
 DEFAULT_CACHE_SIZE = 100 * 2**30
+#: How the memory cap reaches worker children and ranks (the option's own variable, in bytes).
+MEMORY_LIMIT_ENV = "LLMPERF_MEMORY_LIMIT"
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -285,6 +293,15 @@ OPTIONS: tuple[Option, ...] = (
         _models,
         "auto",
     ),
+    Option(
+        "prompts",
+        "prompts of llmperf.generate_dataset: a .jsonl file (per line a JSON string or an "
+        'object with a "prompt" or "text" field) or a .txt file (one prompt per line); a '
+        "relative ini value is read from the ini file's directory (default: the prompts shipped "
+        "with the plugin)",
+        _file,
+        None,
+    ),
     Option("rounds", "timed rounds per workload (default 10, at least 5)", _int(5), 10),
     Option(
         "confirm",
@@ -323,6 +340,14 @@ OPTIONS: tuple[Option, ...] = (
         DEFAULT_CACHE_SIZE,
     ),
     Option(
+        "memory_limit",
+        "a memory cap, e.g. 2GiB: the memory check and the backend's free memory use it, so "
+        "workloads above it are recorded as oom; on CPU child processes run under it "
+        "(RLIMIT_DATA), so a real out-of-memory can happen (default: unlimited)",
+        parse_size,
+        None,
+    ),
+    Option(
         "nvme_path",
         "a directory on this node's NVMe drive for DeepSpeed ZeRO workloads with "
         "engine_options={'offload': 'nvme'} (where the drive is mounted is the node's, not the "
@@ -351,6 +376,7 @@ class Settings:
     check_outputs: bool = False
     report: Optional[str] = None
     models: str = "auto"
+    prompts: Optional[str] = None
     rounds: int = 10
     confirm: int = 2
     warmup: int = 2
@@ -359,6 +385,7 @@ class Settings:
     cache_dir: Optional[str] = None
     nvme_path: Optional[str] = None
     cache_size: Optional[int] = DEFAULT_CACHE_SIZE
+    memory_limit: Optional[int] = None
     sources: dict[str, str] = field(default_factory=dict)
 
     @property

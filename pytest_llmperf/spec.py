@@ -21,8 +21,8 @@ from typing import Any, Optional
 from .errors import UsageError
 from .results import Record
 
-#: Workload kinds with a scenario (``scenarios/``); forward and dataset kinds arrive later.
-KINDS = ("generate", "load")
+#: Workload kinds with a scenario (``scenarios/``).
+KINDS = ("generate", "load", "generate_dataset", "forward")
 #: How much process isolation a workload asks for: none (the launcher's choice), a fresh
 #: process for the workload, or one per round (cold numbers).
 FRESH = ("no", "workload", "round")
@@ -80,6 +80,10 @@ class WorkloadSpec:
     #: The load kind: the checkpoint's files evicted from the page cache before each load
     #: (``cold``) or read once before it (``warm``); other kinds ignore it.
     file_cache: str = "cold"
+    #: The generate_dataset kind: its prompts as text (they cross process boundaries with the
+    #: spec) and where they came from (a file, the shipped file, the call's argument).
+    prompts: Optional[tuple[str, ...]] = None
+    prompts_source: Optional[str] = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -105,6 +109,17 @@ class WorkloadSpec:
         if self.kind == "load":  # a load has no batch and no tokens, but a file cache
             del out["batch_size"], out["new_tokens"]
             out["file_cache"] = self.file_cache
+        if self.kind == "forward":  # one pass over a fixed shape: no tokens generated
+            del out["new_tokens"]
+            if self.sequence_length is not None:  # an image model's shape is its image size
+                out["sequence_length"] = self.sequence_length
+        if self.prompts is not None:
+            from .prompts import digest
+
+            out["prompts"] = self.prompts_source
+            out["prompts_sha256"] = digest(self.prompts)
+            out["prompt_count"] = len(self.prompts)
+            out["prompt_tokens"] = self.prompt_tokens
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -124,6 +139,8 @@ class WorkloadSpec:
             raise ValueError(f"workload spec: unknown field(s) {', '.join(unknown)}")
         values = dict(data)
         values["engine_options"] = freeze_options(values.get("engine_options"), "engine_options")
+        if isinstance(values.get("prompts"), list):  # JSON has no tuples
+            values["prompts"] = tuple(values["prompts"])
         spec = cls(**values)
         spec.check()
         return spec
@@ -146,6 +163,12 @@ class WorkloadSpec:
             raise UsageError(f"seed={self.seed!r}: expected an integer ≥ 0")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise UsageError(f"prompt={self.prompt!r}: expected text")
+        if self.prompts is not None and (
+            not isinstance(self.prompts, tuple)
+            or not self.prompts
+            or not all(isinstance(p, str) and p.strip() for p in self.prompts)
+        ):
+            raise UsageError("prompts: expected a non-empty tuple of non-empty strings")
         if self.fresh not in FRESH:
             raise UsageError(f"fresh={self.fresh!r}: expected one of {', '.join(FRESH)}")
         if self.file_cache not in FILE_CACHE:

@@ -34,6 +34,16 @@ PUBLIC_PARAMS = {
 #: Config-only entries for current models: run when named, not by the tier's suites.
 EXTRA_TINY = ["tiny-mistral", "tiny-mixtral", "tiny-qwen2"]
 EXTRA_FULL = ["llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b"]
+#: Encoders of reference 004 (llmperf.forward; tests/test_forward_scenario.py).
+ENCODERS_TINY = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-albert", "tiny-vit"]
+ENCODERS_FULL = [
+    "bert-base",
+    "bert-large",
+    "roberta-base",
+    "distilbert-base",
+    "albert-base",
+    "vit-base",
+]
 
 
 @pytest.fixture
@@ -81,9 +91,12 @@ def _greedy(model, tokens: int = 12):
 
 
 def test_catalog_lists_exact_ids_by_tier():
-    assert set(models.catalog()) == set(TINY + FULL + EXTRA_TINY + EXTRA_FULL)
-    assert models.models_for_tier("tiny") == TINY
-    assert models.models_for_tier("full") == FULL
+    every = TINY + FULL + EXTRA_TINY + EXTRA_FULL + ENCODERS_TINY + ENCODERS_FULL
+    assert set(models.catalog()) == set(every)
+    assert models.models_for_tier("tiny") == TINY + ENCODERS_TINY
+    assert models.models_for_tier("full") == FULL + ENCODERS_FULL
+    assert models.models_for_tier("tiny", ("causal-lm",)) == TINY
+    assert models.models_for_tier("full", ("encoder", "image-encoder")) == ENCODERS_FULL
     for spec in models.catalog().values():
         assert spec.family in models.FAMILIES
         assert (spec.hf_id is None) == (spec.tier == "tiny")
@@ -112,9 +125,11 @@ def test_unknown_model_error_names_the_id_and_lists_the_known_ones():
         models.get("bloom-7b")
     message = str(excinfo.value)
     assert message == (
-        "unknown model 'bloom-7b'; known: bloom-176b, bloom-560m, bloomz-7b1, gpt2, llama-2-7b, "
-        "llama-3.1-70b, llama-3.1-8b, mistral-7b, mixtral-8x7b, qwen2.5-7b, tiny-bloom, "
-        "tiny-gpt2, tiny-llama, tiny-mistral, tiny-mixtral, tiny-qwen2"
+        "unknown model 'bloom-7b'; known: albert-base, bert-base, bert-large, bloom-176b, "
+        "bloom-560m, bloomz-7b1, distilbert-base, gpt2, llama-2-7b, llama-3.1-70b, "
+        "llama-3.1-8b, mistral-7b, mixtral-8x7b, qwen2.5-7b, roberta-base, tiny-albert, "
+        "tiny-bert, tiny-bloom, tiny-distilbert, tiny-gpt2, tiny-llama, tiny-mistral, "
+        "tiny-mixtral, tiny-qwen2, tiny-roberta, tiny-vit, vit-base"
     )
     assert "\n" not in message
 
@@ -155,7 +170,8 @@ def test_param_breakdown_matches_transformers_modules():
     transformers = pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
-    for spec in models.catalog().values():
+    # The causal LMs' formulas; encoders are counted on the meta device (test_forward_scenario).
+    for spec in (s for s in models.catalog().values() if s.task == "causal-lm"):
         config = transformers.AutoConfig.for_model(**spec.config_dict())
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)

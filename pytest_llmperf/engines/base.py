@@ -53,12 +53,19 @@ class Engine:
     #: The dtypes this engine runs; another one is a usage error (not a skip): the test asked
     #: for a combination that cannot exist.
     dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
+    #: The kinds of model (``ModelSpec.task``) this engine builds; another is a usage error.
+    #: The quantizing, offloading and DeepSpeed engines build causal LMs only.
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)
     #: Engine options (``engine_options={...}``) this engine takes: name -> accepted types.
     #: Anything else is a usage error naming the option, before a model is built.
     options: ClassVar[dict[str, tuple[type, ...]]] = {}
     #: The engine can take the interpreter down (a native crash in its library): the ``auto``
     #: launcher runs it in a child process, so a crash is an ``error`` record, not a lost session.
     may_crash: ClassVar[bool] = False
+    #: How ``devices > 1`` divides a decode step (``roofline.PARALLELISMS``): "tensor" — each
+    #: device reads its share of the weights and KV heads; "data" — each rank reads every
+    #: weight and generates its own batch. roofline_fraction counts the bytes per device so.
+    parallelism: ClassVar[str] = "tensor"
     #: Modules ``load`` needs, imported before it: ``llmperf.load`` times their import apart
     #: (``import_s``), so a cold start's interpreter cost is not read as the engine's load time.
     #: Every built-in engine loads through transformers' ``from_pretrained``; most of its import
@@ -86,6 +93,13 @@ class Engine:
                 raise UsageError(
                     f"engine_options[{name!r}]={value!r}: expected {want} for engine {self.name!r}"
                 )
+
+    def implements(self, method: str) -> bool:
+        """Whether this engine has its own ``method`` (``generate``, ``forward``): a workload
+        kind whose scenario calls a method the engine lacks is a usage error, not a skip, as a
+        dtype it does not run is: no hardware makes the combination exist. Only the plain
+        transformers engine has :meth:`forward` today."""
+        return getattr(type(self), method, None) is not getattr(Engine, method, None)
 
     def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
         """Why this engine cannot run this workload on this node (a skip reason), or None."""
@@ -118,4 +132,9 @@ class Engine:
     ) -> Any:
         """Greedy generation of exactly ``new_tokens``; returns prompt + new token ids.
         ``hook`` (when given) is called once per new token, the first right after prefill."""
+        raise NotImplementedError
+
+    def forward(self, loaded: LoadedModel, inputs: dict[str, Any]) -> Any:
+        """One forward pass of the model on ``inputs`` (keyword tensors on the device: token ids
+        and masks, or pixel values), without gradients; returns the model's output."""
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""Plain ``transformers`` generate on one device: the reference other engines are read against."""
+"""Plain ``transformers`` on one device: generate, the reference other engines are read against,
+and the forward pass of ``llmperf.forward`` (encoders built as the base ``AutoModel``)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def greedy_kwargs(new_tokens: int, pad_token_id: Optional[int]) -> dict[str, Any
 
 class TransformersEngine(Engine):
     name: ClassVar[str] = "transformers"
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder", "image-encoder")
     options: ClassVar[dict[str, tuple[type, ...]]] = {"checkpoint": (str,)}
 
     def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
@@ -114,7 +116,12 @@ class TransformersEngine(Engine):
         loaded = backend.prepare(loaded)
         backend.synchronize()
         load_time = backend.clock() - start
-        tokenizer, real = models.build_tokenizer(model, spec.options.get("checkpoint"))
+        # An encoder's forward takes ids drawn from its vocabulary (or pixels): no text to encode.
+        tokenizer, real = (
+            models.build_tokenizer(model, spec.options.get("checkpoint"))
+            if model.task == "causal-lm"
+            else (None, False)
+        )
         return LoadedModel(
             model=loaded,
             tokenizer=tokenizer,
@@ -139,3 +146,9 @@ class TransformersEngine(Engine):
                 attention_mask=prompt.attention_mask,
                 **greedy_kwargs(new_tokens, pad),
             )
+
+    def forward(self, loaded: LoadedModel, inputs: dict[str, Any]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return loaded.model(**inputs)

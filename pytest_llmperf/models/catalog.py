@@ -18,9 +18,49 @@ from typing import Any, Optional
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 TIERS = ("tiny", "full")
-#: Families of the catalog. Any other ``AutoModelForCausalLM`` architecture works from disk or a
-#: registry; its parameters are counted on the meta device instead of from formulas.
-FAMILIES = ("bloom", "llama", "gpt2", "mistral", "mixtral", "qwen2")
+#: Families of the catalog. Any other architecture ``AutoModelForCausalLM`` (or, for an encoder,
+#: ``AutoModel``) builds works from disk or a registry; its parameters are counted on the meta
+#: device instead of from formulas.
+FAMILIES = (
+    "bloom",
+    "llama",
+    "gpt2",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "bert",
+    "roberta",
+    "distilbert",
+    "albert",
+    "vit",
+)
+#: What kind of model an entry is, which decides how it is built and which workloads it runs:
+#: a causal LM (``AutoModelForCausalLM``: ``llmperf.generate``, and ``llmperf.forward`` as a
+#: prefill), a text encoder or an image encoder (the base ``AutoModel``: ``llmperf.forward``).
+TASKS = ("causal-lm", "encoder", "image-encoder")
+#: Text encoders whose position ids start after the padding id (RoBERTa's
+#: ``create_position_ids_from_input_ids``): ``pad_token_id + 1`` of their positions never hold a
+#: token, so roberta-base's 514 positions take 512 tokens.
+_PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm")
+#: Model types read as encoders when a config names no architectures (and as image encoders
+#: for the second tuple): transformers' causal-LM mapping lists BERT and RoBERTa too (their
+#: ``is_decoder`` variants), so the mapping alone would call bert-base a causal LM.
+_ENCODER_TYPES = (
+    "bert",
+    "roberta",
+    "distilbert",
+    "albert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "xlm-roberta",
+    "camembert",
+    "mpnet",
+    "roberta-prelayernorm",
+    "megatron-bert",
+    "modernbert",
+)
+_IMAGE_TYPES = ("vit", "deit", "beit", "dinov2", "swin", "vit_msn")
 # Families whose parameters are counted from the config by formula (no torch needed).
 _CLOSED_FORM = ("bloom", "gpt2", "llama", "mistral", "mixtral", "qwen2")
 
@@ -128,6 +168,8 @@ class ModelSpec:
     location: Optional[str] = None
     #: The project allowed this model's own code (``trust_remote_code``); never implied.
     trust_remote_code: bool = False
+    #: One of :data:`TASKS`: how the model is built and which workloads it runs.
+    task: str = "causal-lm"
 
     @property
     def config_path(self) -> Path:
@@ -140,7 +182,15 @@ class ModelSpec:
 
     def shape(self) -> ModelShape:
         """Layers, widths, heads and vocabulary under one spelling for every family."""
-        return _shape(self.family, self.config_dict())
+        return _shape(self.family, self.config_dict(), self.task)
+
+    def max_tokens(self) -> Optional[int]:
+        """The most tokens one sequence can hold (None: no limit), RoBERTa's offset positions
+        taken off (see ``_PADDED_POSITIONS``)."""
+        limit = self.shape().max_positions
+        if limit is not None and self.family in _PADDED_POSITIONS:
+            limit -= int(self.config_dict().get("pad_token_id") or 0) + 1
+        return limit
 
     def param_breakdown(self) -> dict[str, int]:
         """Parameters by kind.
@@ -151,7 +201,7 @@ class ModelSpec:
         cfg = self.config_dict()
         if self.family in _CLOSED_FORM:
             return _param_breakdown(self.family, self.shape(), cfg)
-        return _counted_breakdown(str(self.config_path), self.trust_remote_code)
+        return _counted_breakdown(str(self.config_path), self.trust_remote_code, self.task)
 
     def param_count(self) -> int:
         """Counted from the config, tied embeddings once, matching
@@ -184,6 +234,7 @@ class ModelSpec:
             "source": self.source,
             "location": self.location,
             "trust_remote_code": self.trust_remote_code,
+            "task": self.task,
         }
 
     @classmethod
@@ -200,7 +251,33 @@ class ModelSpec:
             source=str(data["source"]),
             location=data.get("location"),
             trust_remote_code=bool(data.get("trust_remote_code")),
+            task=_task_of(data.get("task", "causal-lm")),
         )
+
+
+def _task_of(value: Any) -> str:
+    if value not in TASKS:
+        raise ValueError(f"model source: task={value!r}, expected one of {', '.join(TASKS)}")
+    return str(value)
+
+
+def infer_task(cfg: Mapping[str, Any]) -> str:
+    """What a config.json describes, from its ``architectures`` (what the checkpoint was saved
+    as) and else its ``model_type``; plain JSON, so collection can ask it. A causal head
+    (``*ForCausalLM``, ``*LMHeadModel``) makes a causal LM even for BERT; an image size without
+    a vocabulary, or an image classifier, an image encoder; other architectures of a known
+    encoder type an encoder. Whether transformers can build it is checked elsewhere
+    (``registry.check_architecture``)."""
+    model_type = cfg.get("model_type")
+    names = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names) or cfg.get("is_decoder"):
+        return "causal-lm"
+    image = "image_size" in cfg and "vocab_size" not in cfg
+    if image or model_type in _IMAGE_TYPES or any("ForImage" in a for a in names):
+        return "image-encoder"
+    if model_type in _ENCODER_TYPES and not cfg.get("is_encoder_decoder"):
+        return "encoder"
+    return "causal-lm"
 
 
 def _quantized_bytes(parts: dict[str, int], dtype: str) -> int:
@@ -211,6 +288,11 @@ def _quantized_bytes(parts: dict[str, int], dtype: str) -> int:
     if dtype == "int8":
         return int(linear + kept_16bit)
     return int(linear // 2 + (linear // _INT4_BLOCK) * 4 + kept_16bit)
+
+
+def _encoder(model_id: str, family: str, tier: str, hf_id: Optional[str]) -> ModelSpec:
+    task = "image-encoder" if family in _IMAGE_TYPES else "encoder"
+    return ModelSpec(model_id, family, tier, f"{model_id}.json", hf_id, task=task)
 
 
 # Insertion order is the order `llmperf models` lists them: tiny first, then by family and size.
@@ -245,6 +327,19 @@ _ENTRIES: tuple[ModelSpec, ...] = (
         False,
     ),
     ModelSpec("qwen2.5-7b", "qwen2", "full", "qwen2.5-7b.json", "Qwen/Qwen2.5-7B", False),
+    # Encoders of reference 004 (Inferentia2: p95 latency of one forward pass), built as the
+    # base AutoModel (BertModel with its pooler, ViTModel): llmperf.forward.
+    _encoder("tiny-bert", "bert", "tiny", None),
+    _encoder("tiny-roberta", "roberta", "tiny", None),
+    _encoder("tiny-distilbert", "distilbert", "tiny", None),
+    _encoder("tiny-albert", "albert", "tiny", None),
+    _encoder("tiny-vit", "vit", "tiny", None),
+    _encoder("bert-base", "bert", "full", "google-bert/bert-base-uncased"),
+    _encoder("bert-large", "bert", "full", "google-bert/bert-large-uncased"),
+    _encoder("roberta-base", "roberta", "full", "FacebookAI/roberta-base"),
+    _encoder("distilbert-base", "distilbert", "full", "distilbert/distilbert-base-uncased"),
+    _encoder("albert-base", "albert", "full", "albert/albert-base-v2"),
+    _encoder("vit-base", "vit", "full", "google/vit-base-patch16-224"),
 )
 
 
@@ -265,11 +360,16 @@ def get(model_id: str) -> ModelSpec:
     return specs[model_id]
 
 
-def models_for_tier(tier: str) -> list[str]:
-    """Ids of one tier; "auto" is resolved by the plugin (it depends on the backend), not here."""
+def models_for_tier(tier: str, tasks: Optional[tuple[str, ...]] = None) -> list[str]:
+    """Ids of one tier (of those ``tasks`` only, when given); "auto" is resolved by the plugin
+    (it depends on the backend), not here."""
     if tier not in TIERS:
         raise ValueError(f"unknown model tier {tier!r}; known: {', '.join(TIERS)}")
-    return [spec.id for spec in _ENTRIES if spec.tier == tier and spec.suite]
+    return [
+        spec.id
+        for spec in _ENTRIES
+        if spec.tier == tier and spec.suite and (tasks is None or spec.task in tasks)
+    ]
 
 
 def estimate_generation_bytes(
@@ -322,6 +422,31 @@ def generation_runtime_bytes(
     return int(kv + hidden_acts * act_bytes + scores + logits)
 
 
+def forward_runtime_bytes(spec: ModelSpec, dtype: str, batch_size: int, tokens: int) -> int:
+    """Device bytes one forward pass needs besides the weights (``llmperf.forward``).
+
+    One layer's activations are alive at a time: batch x tokens x (4 x hidden + intermediate)
+    for the hidden state, QKV and the MLP intermediate, in the compute dtype, and the attention
+    scores batch x heads x tokens² in fp32 (eager softmax; the term that grows with the square
+    of the sequence, which at 512 tokens is bert-large's largest). A causal LM's forward is a
+    prefill: it also returns logits for every position and fills the KV cache. Like
+    :func:`generation_runtime_bytes`, a floor, not a ceiling.
+    """
+    _check_dtype(dtype)
+    for name, value in (("batch_size", batch_size), ("tokens", tokens)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    s = spec.shape()
+    act_bytes = 4 if dtype == "fp32" else 2
+    hidden_acts = batch_size * tokens * (4 * s.hidden_size + s.intermediate_size) * act_bytes
+    scores = batch_size * s.num_heads * tokens * tokens * 4
+    total = hidden_acts + scores
+    if spec.task == "causal-lm":
+        kv = 2 * s.num_layers * batch_size * tokens * s.num_kv_heads * s.head_dim * act_bytes
+        total += kv + batch_size * tokens * s.vocab_size * act_bytes
+    return int(total)
+
+
 @functools.cache
 def _load_config(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
@@ -335,7 +460,7 @@ def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def _shape(family: str, cfg: dict[str, Any]) -> ModelShape:
+def _shape(family: str, cfg: dict[str, Any], task: str = "causal-lm") -> ModelShape:
     # Key aliases follow the transformers config classes (BloomConfig accepts the legacy
     # "n_embed" that bigscience/bloom's own config.json still uses; GPT-2, GPT-J, Falcon,
     # Phi and OPT spell the same fields their own way).
@@ -343,6 +468,8 @@ def _shape(family: str, cfg: dict[str, Any]) -> ModelShape:
     heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
     vocab = _first(cfg, "vocab_size", "padded_vocab_size")
+    if vocab is None and task == "image-encoder":
+        vocab = 0  # pixels in, no token embedding
     missing = [
         name
         for name, value in (("hidden size", hidden), ("heads", heads), ("layers", layers))
@@ -378,7 +505,13 @@ def _shape(family: str, cfg: dict[str, Any]) -> ModelShape:
         num_kv_heads=kv_heads,
         head_dim=_first(cfg, "head_dim", default=hidden // heads),
         intermediate_size=_first(
-            cfg, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim", default=4 * hidden
+            cfg,
+            "intermediate_size",
+            "n_inner",
+            "ffn_hidden_size",
+            "ffn_dim",
+            *(("hidden_dim",) if family == "distilbert" else ()),
+            default=4 * hidden,
         ),
         vocab_size=vocab,
         max_positions=_first(cfg, "max_position_embeddings", "n_positions", "n_ctx"),
@@ -421,8 +554,11 @@ def _param_breakdown(family: str, s: ModelShape, cfg: dict[str, Any]) -> dict[st
 
 
 @functools.cache
-def _counted_breakdown(config_path: str, trust_remote_code: bool) -> dict[str, int]:
-    """Parameters by kind of an architecture without a formula here, counted on the meta device.
+def _counted_breakdown(
+    config_path: str, trust_remote_code: bool, task: str = "causal-lm"
+) -> dict[str, int]:
+    """Parameters by kind of an architecture without a formula here, counted on the meta device
+    as the engines build it (``AutoModelForCausalLM``, or the base ``AutoModel`` of an encoder).
 
     Costs importing torch and transformers (never during collection: only when a model from
     disk is measured or listed) and no memory. Kinds: embedding tables and the LM head are
@@ -431,15 +567,16 @@ def _counted_breakdown(config_path: str, trust_remote_code: bool) -> dict[str, i
     """
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(
         str(Path(config_path).parent) if Path(config_path).name == "config.json" else config_path,
         trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
+    auto: Any = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()  # accelerate's meta init unties them; the checkpoint holds one copy
     head = model.get_output_embeddings()
     parts = {"embedding": 0, "linear": 0, "bias": 0, "norm": 0}

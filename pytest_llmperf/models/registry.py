@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .catalog import ModelSpec, catalog
+from .catalog import ModelSpec, catalog, infer_task
 
 #: How a registered model is described: a checkpoint directory, a cached HF id, a config.json.
 KINDS = ("path", "hf", "config")
@@ -155,6 +155,47 @@ def lookup(name: str, registry: Optional[Mapping[str, Registration]] = None) -> 
     )
 
 
+def task_hint(name: str, registry: Optional[Mapping[str, Registration]] = None) -> Optional[str]:
+    """The task (``ModelSpec.task``) ``name`` stands for, from the catalog or its config.json
+    read as plain JSON (``infer_task``), without importing transformers or checking the model:
+    what collection can afford to keep encoders out of generation suites. None when there is no
+    config to read (a typo, an HF id not in the cache); the workload then says what is wrong."""
+    registry = registry or {}
+    config: Optional[Path] = None
+    if name in registry:
+        entry = registry[name]
+        if entry.kind == "config":
+            config = Path(entry.target)
+        elif entry.kind == "path":
+            config = Path(entry.target) / "config.json"
+        else:
+            config = _cached_config(entry.target)
+    elif name in catalog():
+        return catalog()[name].task
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            config = path / "config.json"
+        elif path.suffix == ".json":
+            config = path
+        elif name.count("/") == 1:
+            config = _cached_config(name)
+    if config is None:
+        return None
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return infer_task(cfg) if isinstance(cfg, dict) else None
+
+
+def _cached_config(hf_id: str) -> Optional[Path]:
+    from .weights import hf_cache_snapshot
+
+    snapshot = hf_cache_snapshot(hf_id)
+    return None if snapshot is None else snapshot / "config.json"
+
+
 def _config_of(directory: Path, where: str) -> dict[str, Any]:
     config = directory / "config.json"
     if not config.is_file():
@@ -239,11 +280,25 @@ def _checked(
 
 
 def check_architecture(spec: ModelSpec, cfg: dict[str, Any], where: str) -> ModelSpec:
-    """A causal LM transformers can build, or one whose own code the project trusts."""
+    """A causal LM transformers can build, one whose own code the project trusts, or an encoder
+    the base ``AutoModel`` builds (text, or image with an ``image_size``); the spec comes back
+    with its ``task`` (``catalog.infer_task``). Which workloads a task runs is the scenario's
+    check (an encoder is refused by ``llmperf.generate``, taken by ``llmperf.forward``)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
 
     model_type = cfg["model_type"]
+    task = infer_task(cfg)
+    if task != "causal-lm" and model_type in MODEL_MAPPING_NAMES:
+        if task == "image-encoder" and not isinstance(cfg.get("image_size"), int):
+            raise ValueError(
+                f"{where}: model_type {model_type!r} is an image encoder without an integer "
+                "image_size in its config; llmperf.forward needs the input's size"
+            )
+        return replace(spec, task=task)
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return spec
     remote = "AutoModelForCausalLM" in (cfg.get("auto_map") or {})
@@ -260,7 +315,8 @@ def check_architecture(spec: ModelSpec, cfg: dict[str, Any], where: str) -> Mode
     if model_type in CONFIG_MAPPING_NAMES:
         raise ValueError(
             f"{where}: model_type {model_type!r} is not a causal language model "
-            "(transformers has no AutoModelForCausalLM for it); llmperf.generate needs one"
+            "(transformers has no AutoModelForCausalLM for it) nor an encoder llmperf.forward "
+            "runs; llmperf.generate needs a causal LM"
         )
     raise ValueError(
         f"{where}: transformers {transformers.__version__} does not know model_type "

@@ -66,12 +66,16 @@ def build_model(
         else:
             source = f"checkpoint:{label}@{short_hash}"
         return (
-            _load_checkpoint(directory, tdtype, device, tensor_parallel, spec.trust_remote_code),
+            _load_checkpoint(
+                directory, tdtype, device, tensor_parallel, spec.trust_remote_code, spec.task
+            ),
             source,
         )
     real = real_checkpoint(spec)
     if real is not None:
-        model = _load_checkpoint(real[0], tdtype, device, tensor_parallel, spec.trust_remote_code)
+        model = _load_checkpoint(
+            real[0], tdtype, device, tensor_parallel, spec.trust_remote_code, spec.task
+        )
         return model, real[1]
     if tensor_parallel:
         raise ValueError(
@@ -286,17 +290,30 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...], config_digest: str) ->
     return h.hexdigest()[:12]
 
 
+def auto_class(task: str) -> Any:
+    """The transformers class a model of ``task`` is built and loaded with: the causal LM, or
+    the base model of an encoder (BertModel with its pooler, ViTModel), whose forward is what
+    reference 004 times; a checkpoint saved with a head (``*ForMaskedLM``, ViT's classifier)
+    loads into it without the head."""
+    # Typed as Any: transformers' decorated from_pretrained confuses type checkers.
+    if task == "causal-lm":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+    from transformers import AutoModel
+
+    return AutoModel
+
+
 def _load_checkpoint(
     directory: Path,
     tdtype: Any,
     device: str,
     tensor_parallel: bool = False,
     trust_remote_code: bool = False,
+    task: str = "causal-lm",
 ) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    # Typed as Any: transformers' decorated from_pretrained confuses type checkers.
-    loader: Any = AutoModelForCausalLM
+    loader: Any = auto_class(task)
     kwargs = {
         "local_files_only": True,
         "trust_remote_code": trust_remote_code,
@@ -331,14 +348,13 @@ def _build_random(spec: ModelSpec, tdtype: Any, device: str, seed: int) -> Any:
     """
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     cfg = spec.config_dict()
     config = hf_config(spec)
     # include_buffers=False: buffers (RoPE inv_freq) are computed at construction and must stay
     # real; only parameters go to meta.
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_class(spec.task).from_config(
             config, trust_remote_code=spec.trust_remote_code, **dtype_kwargs(tdtype)
         )
     # accelerate's patched register_parameter re-wraps every assigned Parameter, which unties

@@ -34,9 +34,24 @@ class Scenario:
     #: Loading is what this kind measures: execute loads nothing first and calls
     #: :meth:`load_rounds` instead of ``prepare``/``call``/``fill``.
     measures_load: ClassVar[bool] = False
+    #: The metric execute fills from the rounds' times (what one round is, for this kind).
+    main_metric: ClassVar[str] = "e2e_latency_s"
+    #: One round is one generate call whose per-token hook marks TTFT and TPOT; a kind whose
+    #: round is many calls (a dataset pass) turns it off (the token count is checked anyway).
+    token_times: ClassVar[bool] = True
+    #: The engine method one call runs (``Engine.implements``): an engine without it cannot run
+    #: the kind, which is a usage error before anything loads. The load kind needs ``load`` only.
+    engine_method: ClassVar[str] = "generate"
+    #: The kinds of model (``ModelSpec.task``) this kind runs; another is a usage error naming
+    #: the kind that runs it. Generating needs a causal LM; loading and a forward pass take any.
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)
 
     def validate(self, spec: WorkloadSpec, model: ModelSpec) -> None:
         """Usage errors that need no loaded model (raise errors.UsageError)."""
+
+    def describe(self, record: Record, spec: WorkloadSpec, model: ModelSpec) -> None:
+        """What the record's ``workload`` says that needs the model (a forward's input shape),
+        on every record of the kind, a not-run or out-of-memory one too."""
 
     def tokens_floor(self, spec: WorkloadSpec) -> int:
         """The fewest input tokens per row the workload can have, before anything is encoded."""
@@ -57,6 +72,11 @@ class Scenario:
 
     def call(self, engine: Engine, loaded: LoadedModel, inputs: Any, spec: WorkloadSpec) -> Call:
         raise NotImplementedError
+
+    def tokens_per_round(self, spec: WorkloadSpec, inputs: Any) -> Optional[int]:
+        """New tokens one round generates over all its rows (for ms_per_token and
+        tokens_per_s); None for a kind that generates none."""
+        return spec.batch_size * spec.new_tokens
 
     def produced(self, output: Any, inputs: Any) -> Optional[int]:
         """Tokens the call produced, checked every round against the spec (None: not a

@@ -217,6 +217,8 @@ class LoadScenario(Scenario):
     kind: ClassVar[str] = "load"
     activity: ClassVar[str] = "loading"
     measures_load: ClassVar[bool] = True
+    engine_method: ClassVar[str] = "load"
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder", "image-encoder")
 
     def tokens_floor(self, spec: WorkloadSpec) -> int:
         return 0

@@ -48,7 +48,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     order = {"tiny": 0, "full": 1}
     specs = sorted(
         models.catalog().values(),
-        key=lambda s: (not s.suite, order.get(s.tier, 2), s.family, s.param_count()),
+        key=lambda s: (not s.suite, s.task, order.get(s.tier, 2), s.family, s.param_count()),
     )
     chosen: list[tuple[str, Any]] = [(s.tier + ("" if s.suite else ", by name"), s) for s in specs]
     problems: list[str] = []
@@ -64,7 +64,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     if args.names:
         chosen = chosen[-len(args.names) :]
-    rows = [["name", "family", "selected", "parameters", "fp32", "bf16", "int8", "int4", "source"]]
+    rows = [
+        ["name", "family", "task", "selected", "parameters"]
+        + ["fp32", "bf16", "int8", "int4", "source"]
+    ]
     for selected, spec in chosen:
         try:
             count = f"{spec.param_count() / 1e6:,.1f} M"
@@ -74,7 +77,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         except Exception as exc:  # an architecture transformers cannot build here
             count, sizes = "?", ["?"] * 4
             problems.append(f"{spec.id}: cannot count its parameters ({exc})")
-        rows.append([spec.id, spec.family, selected, count, *sizes, spec.describe()])
+        rows.append([spec.id, spec.family, spec.task, selected, count, *sizes, spec.describe()])
     print_table(rows)
     if pyproject is not None and registry:
         print(
@@ -492,18 +495,67 @@ def _label(text: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """The merged summary (-o or stdout), a seed-shaped table (--table) and the charts
+    (--plots), from saved results.json files."""
+    from . import plots
+
+    if args.plots is not None:
+        # Before any output: a report asked with plots must not half-happen without them.
+        why = plots.missing()
+        if why:
+            raise CliError(f"--plots: plots cannot be drawn: {why}")
+        if Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise CliError(f"--plots {args.plots}: exists and is not a directory")
     rows: list[dict[str, Any]] = []
     for path in args.results:
         rows += report.load_results_file(Path(path))["results"]
-    text = report.summary_markdown(rows)
+    code = 0
+    if args.table is not None:
+        code = _print_table(rows, args.table, len(args.results))
+    plot_lines: list[str] = []
+    if args.plots is not None:
+        drawn = plots.draw(rows, Path(args.plots))
+        for error in drawn.errors:
+            print(f"llmperf: {error}", file=sys.stderr)
+        code = 1 if drawn.errors else code
+        if drawn.files:
+            print(f"wrote {len(drawn.files)} plots to {args.plots}")
+        elif not drawn.errors:
+            print(
+                "no plots: these results hold no batch-size series, no encoder sequence "
+                "lengths and no regressed or improved gated metric"
+            )
+        where = Path(args.output).resolve().parent if args.output else Path.cwd()
+        plot_lines = plots.summary_lines(drawn, where)
+    text = report.summary_markdown(rows, plot_lines=plot_lines)
     if args.output:
         try:
             baselines.atomic_write(Path(args.output), text)
         except OSError as exc:
             raise CliError(f"-o {args.output}: {exc}") from None
         print(f"wrote {args.output} ({len(rows)} results from {len(args.results)} files)")
-    else:
+    elif args.table is None and args.plots is None:
         print(text, end="")
+    return code
+
+
+def _print_table(rows: list[dict[str, Any]], metric: str, files: int) -> int:
+    from . import tables
+
+    known = tables.known_metrics(rows)
+    if metric not in known:
+        raise CliError(f"--table {metric}: unknown metric; known: {', '.join(known)}")
+    table = tables.seed_table(rows, metric)
+    if not table.blocks:
+        measured = sorted({n for row in rows for n in (row["record"].get("metrics") or {})})
+        print(
+            f"llmperf: --table {metric}: no result in the {files} file"
+            f"{'s' if files != 1 else ''} has {metric} "
+            f"(measured: {', '.join(measured) or 'nothing'})",
+            file=sys.stderr,
+        )
+        return 1
+    print(table.text(), end="")
     return 0
 
 
@@ -697,9 +749,25 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baselines", help="record, show, diff, accept or prune baselines")
     _add_baselines_commands(b.add_subparsers(dest="action", required=True))
 
-    rep = sub.add_parser("report", help="merge results.json files into one Markdown report")
+    rep = sub.add_parser(
+        "report",
+        help="merge results.json files into one Markdown report (stdout unless -o, --table or "
+        "--plots), a seed-shaped table, plots",
+    )
     rep.add_argument("results", nargs="+")
-    rep.add_argument("-o", "--output")
+    rep.add_argument("-o", "--output", help="write the Markdown summary to this file")
+    rep.add_argument(
+        "--table",
+        metavar="METRIC",
+        help="print METRIC's medians as the seed posts' table (rows engine·dtype, columns "
+        "the batch size or sequence length, oom cells), e.g. ms_per_token",
+    )
+    rep.add_argument(
+        "--plots",
+        metavar="OUTDIR",
+        help="draw the charts as OUTDIR/*.png (needs matplotlib: "
+        "pip install 'pytest-llmperf[plots]'); with -o the summary links them",
+    )
     rep.set_defaults(func=cmd_report)
 
     cache = sub.add_parser("cache", help="show or prune the checkpoint cache")

@@ -7,19 +7,21 @@ serve the live run, pytest-xdist controllers and ``llmperf report`` over saved f
 from __future__ import annotations
 
 import json
+import re
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__, baselines
+from . import __version__, baselines, tables
 from .baselines import atomic_write
 from .gate import confirmation_text
-from .metrics import METRICS, main_metric
+from .metrics import METRICS, ROUNDS_OF, main_metric
 from .results import Record
 from .units import format_metric, format_value
-from .verdict import EntryVerdict
+from .verdict import EntryVerdict, MetricVerdict, Verdict
 
 RESULTS_SCHEMA = 1
 
@@ -32,10 +34,61 @@ def verdict_json(entry: Optional[EntryVerdict]) -> Optional[dict[str, Any]]:
         "failed": entry.failed,
         "inconclusive": entry.inconclusive,
         "worst": entry.worst.value,
-        "metrics": [
-            {**asdict(m), "verdict": m.verdict.value, "failed": m.failed} for m in entry.metrics
-        ],
+        "metrics": [_metric_verdict_json(m) for m in entry.metrics],
     }
+
+
+def _metric_verdict_json(m: MetricVerdict) -> dict[str, Any]:
+    out = {**asdict(m), "verdict": m.verdict.value, "failed": m.failed}
+    if out.get("history") is None:  # kept only where the verdict moved: results.json stays small
+        out.pop("history", None)
+    return out
+
+
+def attach_history(entry: EntryVerdict, runs: Sequence[dict[str, Any]]) -> None:
+    """Give each verdict that moved the stored runs it was judged against, summarized, so a
+    report drawn later (summary.md's plots, ``llmperf report --plots``) can show the history
+    without the baseline files: a gated metric that regressed or improved gets one
+    {"date", "median", "q1", "q3", "min", "max"} per stored ok run (quartiles of its samples),
+    a new-oom outcome one {"date", "medians": {metric: median}} per stored ok run (the tables'
+    "was" beside an oom cell)."""
+    for m in entry.metrics:
+        if m.metric == "outcome" and m.verdict is Verdict.NEW_OOM:
+            m.history = [
+                {
+                    "date": run.get("date"),
+                    "medians": {
+                        name: summary["median"]
+                        for name, summary in sorted((run.get("metrics") or {}).items())
+                        if isinstance(summary, dict) and summary.get("median") is not None
+                    },
+                }
+                for run in runs
+                if run.get("outcome") == "ok"
+            ] or None
+        elif m.gated and m.verdict in (Verdict.REGRESSED, Verdict.IMPROVED):
+            m.history = [_run_summary(run, m.metric) for run in runs if _has(run, m.metric)] or None
+
+
+def _has(run: dict[str, Any], name: str) -> bool:
+    summary = (run.get("metrics") or {}).get(name)
+    return (
+        run.get("outcome") == "ok"
+        and isinstance(summary, dict)
+        and summary.get("median") is not None
+    )
+
+
+def _run_summary(run: dict[str, Any], name: str) -> dict[str, Any]:
+    summary = run["metrics"][name]
+    median = float(summary["median"])
+    samples = sorted(float(s) for s in summary.get("samples") or [])
+    if len(samples) >= 2:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    else:
+        q1 = q3 = samples[0] if samples else median
+    low, high = (samples[0], samples[-1]) if samples else (median, median)
+    return {"date": run.get("date"), "median": median, "q1": q1, "q3": q3, "min": low, "max": high}
 
 
 def write_results(directory: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
@@ -223,14 +276,18 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for row in rows:
         r = row["record"]
         main = main_metric(r.get("metrics", {}))
+        headline = _fmt(r, main)
+        if main in ROUNDS_OF and headline != "-":  # a percentile in the median column: say so
+            headline += " " + main.split("_")[1]
         out.append(
             [
                 r["key"],
                 r["backend"],
                 r["outcome"],
-                _fmt(r, main),
-                _fmt(r, "ms_per_token"),
+                headline,
+                _fmt(r, "tpot_s"),
                 _fmt(r, "tokens_per_s"),
+                _roofline(r),
                 _fmt(r, "peak_memory_bytes"),
                 verdict_word(row),
             ]
@@ -238,7 +295,29 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-HEADER = ["test", "backend", "outcome", "median", "ms/token", "tokens/s", "peak mem", "verdict"]
+def _roofline(record: dict[str, Any]) -> str:
+    value = _metric(record, "roofline_fraction")
+    if value is None:
+        return "-"
+    # A tiny model on a big memory reaches thousandths: two digits that are not zeros.
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.2g}"
+
+
+# ms/token is not a column: it is 1000 / tokens/s (both from e2e), and tpot and the roofline
+# beside it say more about a decode step. It stays in results.json, summary.md and the gate.
+HEADER = [
+    "test",
+    "backend",
+    "outcome",
+    "median",
+    "tpot",
+    "tokens/s",
+    "roofline",
+    "peak mem",
+    "verdict",
+]
+#: Text columns, left-aligned; numbers are right-aligned.
+_LEFT = {"test", "backend", "outcome", "verdict"}
 
 
 def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
@@ -248,20 +327,20 @@ def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
 
     def line(cells: list[str]) -> str:
-        parts = [cells[0].ljust(widths[0])]
-        parts += [
-            c.rjust(w) if i < 6 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells[1:], widths[1:]), 1)
+        parts = [
+            c.ljust(w) if name in _LEFT else c.rjust(w) for name, c, w in zip(HEADER, cells, widths)
         ]
         return "  ".join(parts).rstrip()
 
     lines = ["= llmperf results", line(HEADER)]
     lines += [line(b) for b in body]
-    notes = [
-        f"  {row['record']['key']}: {row['record']['note']}"
-        for row in rows
-        if row["record"].get("note")
-    ]
+    notes = []
+    for row in rows:
+        r = row["record"]
+        generated = generated_lines(r, width)
+        if r.get("note") or generated:
+            notes.append(f"  {r['key']}: {r.get('note', '')}".rstrip())
+        notes += generated
     details = []
     for row in rows:
         v = row.get("verdict") or {}
@@ -285,10 +364,15 @@ def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     return lines
 
 
-def summary_markdown(rows: list[dict[str, Any]], coverage: Optional[Coverage] = None) -> str:
+def summary_markdown(
+    rows: list[dict[str, Any]],
+    coverage: Optional[Coverage] = None,
+    plot_lines: Sequence[str] = (),
+) -> str:
     """One table per backend and device (and node, when results of several are merged):
     test, metric, baseline, now, ratio, verdict; then the notes (busy or shared devices,
-    confirmations), and what the run judged when the live run knows it."""
+    confirmations), and what the run judged when the live run knows it; then the seed-shaped
+    tables (tables.py) and ``plot_lines``, the plots section (plots.summary_lines)."""
 
     def host(row: dict[str, Any]) -> str:
         return str(row["record"].get("provenance", {}).get("hostname") or "?")
@@ -313,8 +397,64 @@ def summary_markdown(rows: list[dict[str, Any]], coverage: Optional[Coverage] = 
         notes = [row["record"] for row in group if row["record"].get("note")]
         if notes:
             out += ["", *(f"- `{_md(r['key'])}`: {_md(r['note'])}" for r in notes)]
+        out += _generated_markdown(group)
         out.append("")
+    out += tables.summary_section(rows)
+    out += plot_lines
     return "\n".join(out) + "\n"
+
+
+#: Characters a model's text must not bring to a terminal or a page: C0/C1 controls (an ESC
+#: starts a terminal escape sequence; random weights decode to raw bytes) and the bidi
+#: overrides that reorder what is displayed.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _one_line(text: str) -> str:
+    """Text on one line with nothing in it that acts on the display (shown as U+FFFD)."""
+    return _UNSHOWABLE.sub("\ufffd", " ".join(str(text).split()))
+
+
+def generated_lines(record: dict[str, Any], width: int = 120) -> list[str]:
+    """A record's generated text for the terminal, under its key: one line per prompt (the
+    prompt as cut, then what the model wrote), cut to ``width``."""
+    out = []
+    for item in record.get("generated_text") or []:
+        prompt = _one_line(item.get("prompt", ""))
+        continuation = _one_line(item.get("continuation", ""))
+        line = f'    "{prompt}" -> "{continuation}"'
+        out.append(line if len(line) <= width else line[: max(width - 1, 40)] + "…")
+    return out
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
+
+
+def _md_text(text: str) -> str:
+    """Arbitrary text (a prompt, a model's output) shown as itself in Markdown."""
+    return _MD_SPECIAL.sub(r"\\\1", _one_line(text))
+
+
+def _generated_markdown(group: list[dict[str, Any]]) -> list[str]:
+    """What the model wrote after the first prompts of each dataset workload, for people to
+    read (seeded random weights write nonsense: that is expected)."""
+    records = [row["record"] for row in group if row["record"].get("generated_text")]
+    if not records:
+        return []
+    out = [
+        "",
+        "### Generated text",
+        "",
+        "The prompts as the model saw them (bold), then what it generated.",
+        "",
+    ]
+    for r in records:
+        out += [f"`{_md(r['key'])}`:", ""]
+        for i, item in enumerate(r["generated_text"], 1):
+            prompt = _md_text(item.get("prompt", "")) or "(empty)"
+            out.append(f"{i}. **{prompt}** {_md_text(item.get('continuation', ''))}")
+        out.append("")
+    return out[:-1]
 
 
 def _md(text: str) -> str:
@@ -365,6 +505,8 @@ def benchmark_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = row["record"]
         name = main_metric(r["metrics"])
         samples = (r["metrics"].get(name) or {}).get("samples") or []
+        if not samples and name in ROUNDS_OF:  # a percentile: its rounds are another metric's
+            samples = (r["metrics"].get(ROUNDS_OF[name]) or {}).get("samples") or []
         if r["outcome"] != "ok" or not samples:
             continue
         stats = Stats()

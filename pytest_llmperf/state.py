@@ -19,6 +19,7 @@ from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
 from .launchers import Launchers, LaunchSettings, default_cache_dir
 from .results import Record
+from .series import OomSeries
 from .settings import RECORD_RUN_ENV, DeviceAliases, MarkerOptions, Settings
 
 
@@ -44,8 +45,12 @@ class RunState:
     #: Tests skipped by llmperf: {"nodeid", "kind": "backend" | "node", "reason"}.
     skips: list[dict[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: What the report could not do that fails nothing (a plot not drawn), one line each.
+    report_notes: list[str] = field(default_factory=list)
     changes: list[baselines.Change] = field(default_factory=list)
     _selected: Optional[list[str]] = None
+    #: Batch-size series that ran out of memory: their larger sizes are not run.
+    oom_series: OomSeries = field(default_factory=OomSeries)
     _device_keys: dict[str, str] = field(default_factory=dict)
     _provenance: dict[str, dict] = field(default_factory=dict)
     _devices: dict[str, dict] = field(default_factory=dict)
@@ -84,6 +89,7 @@ class RunState:
                     timeout=self.settings.timeout,
                     cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
                     cache_size=self.settings.cache_size,
+                    memory_limit=self.settings.memory_limit,
                 )
             )
         return self._launchers
@@ -258,6 +264,7 @@ class RunState:
                 record, runs, settings, self.policy, (remeasure or {}).get(record.key)
             )
             records[index] = decision.record
+            report.attach_history(decision.verdict, runs)
             verdicts.append(decision.verdict)
             if decision.failed:
                 problems.append(report.failure_text(decision.record, decision.verdict, runs))
@@ -315,6 +322,8 @@ class RunState:
                     )
                 except OSError as exc:
                     self.errors.append(f"report not written: {exc}")
+                else:
+                    self._draw_plots()
         step = os.environ.get("GITHUB_STEP_SUMMARY")
         if step and text:
             try:
@@ -327,6 +336,32 @@ class RunState:
                 report.write_benchmark_json(self.benchmark_json, self.benchmark_entries())
             except OSError as exc:
                 self.errors.append(f"--benchmark-json: {exc}")
+
+    def _draw_plots(self) -> None:
+        """DIR/plots/*.png, after results.json and summary.md are on disk (a chart that fails
+        costs one line, never the report), then summary.md again with links to them."""
+        assert self.report_dir is not None
+        from . import plots
+
+        if not self.rows or not plots.charts(self.rows):
+            return
+        drawn: Optional[plots.Drawn] = None
+        not_drawn = plots.missing()
+        if not_drawn is None:
+            try:
+                drawn = plots.draw(self.rows, self.report_dir / "plots")
+            except Exception as exc:  # whatever matplotlib raises: the report stands
+                not_drawn = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if not_drawn:
+            self.report_notes.append(f"plots not drawn: {not_drawn}")
+        if drawn is not None:
+            self.report_notes += drawn.errors
+        lines = plots.summary_lines(drawn, self.report_dir, not_drawn)
+        text = report.summary_markdown(self.rows, self.final_coverage, plot_lines=lines)
+        try:
+            baselines.atomic_write(self.report_dir / "summary.md", text)
+        except OSError as exc:
+            self.errors.append(f"report not written: {exc}")
 
     def _update_baselines(self) -> None:
         records = []
@@ -470,6 +505,7 @@ class RunState:
 
     def summary_lines(self, width: int = 120) -> list[str]:
         lines = report.terminal_table(self.rows, width=width)
+        lines += [f"llmperf report: {note}" for note in self.report_notes]
         if self.updating:
             lines.append("= llmperf baselines")
             lines += [str(c) for c in self.changes] or ["no baseline changed"]

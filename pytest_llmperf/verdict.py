@@ -260,6 +260,9 @@ class MetricVerdict:
     spread: float | None = None  # between-run CV of the baseline runs' medians (>= 2 runs)
     allowed: float | None = None  # the effective allowed fraction (tolerance or k x spread)
     limit: str | None = None  # "max_ms_per_token=50" when an absolute limit was violated
+    #: The stored runs behind a verdict that moved, summarized for reports and plots
+    #: (report.attach_history); None otherwise, and never part of the decision.
+    history: list[dict[str, Any]] | None = None
 
     @property
     def failed(self) -> bool:

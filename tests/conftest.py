@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 # pytester's in-process runs drop every module first imported during a run; torch cannot be
 # imported twice in one process, so it (and the plugin's lazily imported parts) load here.
-# The plugin imports these lazily (on the first measurement or judgement), i.e. inside a run.
+# The plugin imports these lazily (on the first measurement or judgement), i.e. inside a run;
+# matplotlib when a run with --llmperf-report draws its plots at the session's end.
+import matplotlib.backends.backend_agg  # noqa: F401
+import matplotlib.figure  # noqa: F401
+import matplotlib.ticker  # noqa: F401
+import pytest
 import pytest_benchmark.stats  # noqa: F401
 import scipy.stats  # noqa: F401
 import torch  # noqa: F401
@@ -26,6 +29,7 @@ import pytest_llmperf.launchers.process  # noqa: F401
 import pytest_llmperf.launchers.torchrun  # noqa: F401
 import pytest_llmperf.measure  # noqa: F401
 import pytest_llmperf.models  # noqa: F401
+import pytest_llmperf.plots  # noqa: F401
 import pytest_llmperf.report  # noqa: F401
 import pytest_llmperf.runner  # noqa: F401
 import pytest_llmperf.state  # noqa: F401

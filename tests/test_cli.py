@@ -84,6 +84,7 @@ def test_models_lists_the_catalog_with_bytes_per_dtype(capsys):
     assert lines[0].split() == [
         "name",
         "family",
+        "task",
         "selected",
         "parameters",
         "fp32",

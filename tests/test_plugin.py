@@ -394,7 +394,7 @@ def test_the_model_a_crashed_test_left_in_the_cache_counts_as_free(project, monk
         (["--llmperf-rounds=3"], {}, "", "--llmperf-rounds=3", "integer ≥ 5"),
         (["--llmperf-tolerance=1.5"], {}, "", "--llmperf-tolerance=1.5", "between 0 and 1"),
         (["--llmperf-tolerance=-0.1"], {}, "", "--llmperf-tolerance=-0.1", "between 0 and 1"),
-        (["--llmperf-tolerance=ttft=0.1"], {}, "", "--llmperf-tolerance", "known: e2e_latency_s"),
+        (["--llmperf-tolerance=ttft=0.1"], {}, "", "--llmperf-tolerance", "'ttft'; known: "),
         (["--llmperf-alpha=0.9"], {}, "", "--llmperf-alpha=0.9", "(0, 0.5]"),
         (["--llmperf-backend=tpu"], {}, "", "--llmperf-backend=tpu", "allowed: auto, cpu, cuda"),
         (["--llmperf-models=huge"], {}, "", "--llmperf-models=huge", "auto, tiny, full"),
@@ -533,7 +533,7 @@ def test_unknown_model_and_dtype_fail_the_test_with_what_is_known(project):
     result.assert_outcomes(failed=3)
     result.stdout.fnmatch_lines_random(
         [
-            "llmperf.generate(model=...): unknown model 'nope': *known: bloom-176b*tiny-bloom*",
+            "llmperf.generate(model=...): unknown model 'nope': *known: *bloom-176b*tiny-bloom*",
             "llmperf.generate(dtype='fp8'): unknown dtype; known: fp32, fp16, bf16, int8, int4",
             "llmperf.generate(engine=...): unknown engine 'vllm'; known: *transformers*",
         ]
@@ -1059,7 +1059,11 @@ def test_report_writes_a_markdown_summary_and_appends_it_to_the_github_step_summ
     assert f"| `test_gen` | e2e_latency_s | {before} | {after} | ×1.200 | **FAIL** regressed |" in (
         summary
     )
-    assert step.read_text() == "earlier step\n" + summary
+    # The step summary is the same report without the plots: their links are relative to
+    # the report directory, which GitHub's page does not have.
+    without_plots, plots = summary.split("## Plots\n")
+    assert "](plots/history-e2e_latency_s-test_gen-fake-chip.png)" in plots
+    assert step.read_text() == "earlier step\n" + without_plots
     assert "**llmperf: 1 of 1 workloads judged against a baseline**" in summary
 
 
@@ -1190,10 +1194,12 @@ def test_terminal_table_shows_each_workload_with_its_main_numbers(project):
     result.stdout.re_match_lines(
         [
             r"=+ llmperf results =+",
-            r"test\s+backend\s+outcome\s+median\s+ms/token\s+tokens/s\s+peak mem\s+verdict$",
-            rf"test_gen\s+fake\s+ok\s+{e2e * 1000:.2f} ms\s+{e2e * 10:.3f} ms\s+"
-            rf"{100 / e2e:.1f}\s+{format_value(PEAK_BYTES, 'B')}\s+no-baseline$",
-            r"test_fn:step\s+fake\s+ok\s+250.00 ms\s+-\s+-\s+.*no-baseline$",
+            r"test\s+backend\s+outcome\s+median\s+tpot\s+tokens/s\s+roofline\s+peak mem\s+"
+            r"verdict$",
+            # The fake chip has no published bandwidth: no roofline.
+            rf"test_gen\s+fake\s+ok\s+{e2e * 1000:.2f} ms\s+{DECODE_S * 1000:.2f} ms\s+"
+            rf"{100 / e2e:.1f}\s+-\s+{format_value(PEAK_BYTES, 'B')}\s+no-baseline$",
+            r"test_fn:step\s+fake\s+ok\s+250.00 ms\s+-\s+-\s+-\s+.*no-baseline$",
         ]
     )
 

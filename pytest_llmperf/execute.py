@@ -367,8 +367,10 @@ def is_oom(exc: BaseException, backend: Backend) -> bool:
     if isinstance(exc, backend.oom_errors()):
         return True
     # SynapseAI and the Neuron runtime raise RuntimeError with the words in the message;
-    # torch's CPU allocator under a memory cap (RLIMIT_DATA) says it cannot allocate.
+    # under a memory cap (RLIMIT_DATA) torch's CPU allocator says it can't allocate, and an
+    # mmap of a checkpoint fails with ENOMEM ("Cannot allocate memory (12)").
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
+    return isinstance(exc, RuntimeError) and any(
+        words in text
+        for words in ("out of memory", "can't allocate memory", "cannot allocate memory")
     )

@@ -152,3 +152,19 @@ def test_a_capped_cpu_worker_turns_a_too_large_allocation_into_an_oom_not_a_kill
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.split() == ["oom", "after", "1000.0"], out.stderr
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 1288490188 bytes. Error code 12 (Cannot allocate memory)",
+        "unable to mmap 497774208 bytes from file </c/model.safetensors>: Cannot allocate "
+        "memory (12)",
+    ],
+)
+def test_what_a_capped_cpu_process_raises_is_recorded_as_oom_not_as_a_crash(message):
+    from pytest_llmperf.execute import is_oom
+
+    assert is_oom(RuntimeError(message), CpuBackend())
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), CpuBackend())

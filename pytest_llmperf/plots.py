@@ -17,6 +17,7 @@ neither needs a display nor switches the backend a user's own tests chose.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import statistics
@@ -276,8 +277,14 @@ def _quartiles(samples: Sequence[float]) -> tuple[float, float]:
 
 
 def _slug(text: str, limit: int) -> str:
+    """A file-name part; one cut to ``limit`` ends in a digest of the whole text, so two long
+    keys that differ only at their ends (sequence_length=8 and =16) get different, stable
+    names rather than -2, -3 suffixes that depend on the run's order."""
     slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_.")
-    return slug[:limit].rstrip("_.") or "x"
+    if len(slug) > limit:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        slug = slug[: limit - 9].rstrip("_.") + "-" + digest
+    return slug or "x"
 
 
 def _block_slug(block: Block) -> str:

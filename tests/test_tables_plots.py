@@ -467,3 +467,15 @@ def test_report_plots_without_matplotlib_is_a_one_line_error(tmp_path, capsys, m
         "(pip install 'pytest-llmperf[plots]')\n"
     )
     assert not (tmp_path / "charts").exists()
+
+
+def test_a_series_without_engine_options_is_labelled_by_engine_and_dtype_alone():
+    # The suites parametrize engine_options=None: the record carries the text "None".
+    row = {
+        "record": {
+            "key": "test_throughput[batch_size=1,dtype=bf16,model=tiny-bloom,new_tokens=100]",
+            "workload": {"engine": "transformers", "dtype": "bf16", "engine_options": "None"},
+        }
+    }
+    assert tables.series_label(row, tables.ENGINE_SERIES) == "transformers bf16"
+    assert tables.title_parts({"engine_options": "None", "model": "m"}) == ["m"]

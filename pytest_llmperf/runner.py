@@ -129,13 +129,12 @@ class LLMPerf:
         process (cold numbers: load time, first-call compile), whatever the launcher keeps.
         """
         rounds, warmup = self._rounds(rounds, warmup)
-        spec = WorkloadSpec(
-            kind="generate",
-            model=model,
-            model_source=self.model_source("generate", model),
-            engine=engine,
-            engine_options=freeze_options(engine_options, "llmperf.generate(engine_options=...)"),
-            dtype=dtype or self.backend.default_dtype,
+        spec = self._spec(
+            "generate",
+            model,
+            engine,
+            engine_options,
+            dtype,
             batch_size=batch_size,
             new_tokens=new_tokens,
             prompt=prompt,
@@ -145,7 +144,6 @@ class LLMPerf:
             warmup=warmup,
             fresh=fresh,
         )
-        spec.check()
         return self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
 
     def load(
@@ -167,19 +165,17 @@ class LLMPerf:
         (``file_cache="cold"``) or read once (``"warm"``), then the engine's load
         (``load_time_s``, gated with the default metrics unless the test names its own).
         ``rounds`` defaults to 3, not ``--llmperf-rounds``: a round is a whole load."""
-        spec = WorkloadSpec(
-            kind="load",
-            model=model,
-            model_source=self.model_source("load", model),
-            engine=engine,
-            engine_options=freeze_options(engine_options, "llmperf.load(engine_options=...)"),
-            dtype=dtype or self.backend.default_dtype,
+        spec = self._spec(
+            "load",
+            model,
+            engine,
+            engine_options,
+            dtype,
             file_cache=file_cache,
             rounds=LOAD_ROUNDS if rounds is None else rounds,
             warmup=0,  # a warm-up load would warm what the rounds measure
             fresh="round",
         )
-        spec.check()
         record = self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
         self.overrides.setdefault(record.key, {}).setdefault("gate", LOAD_GATED)
         return record
@@ -229,15 +225,12 @@ class LLMPerf:
                 texts = texts[:max_prompts]
         check_positive("prompt_tokens", prompt_tokens)
         rounds, warmup = self._rounds(rounds, warmup)
-        spec = WorkloadSpec(
-            kind="generate_dataset",
-            model=model,
-            model_source=self.model_source("generate_dataset", model),
-            engine=engine,
-            engine_options=freeze_options(
-                engine_options, "llmperf.generate_dataset(engine_options=...)"
-            ),
-            dtype=dtype or self.backend.default_dtype,
+        spec = self._spec(
+            "generate_dataset",
+            model,
+            engine,
+            engine_options,
+            dtype,
             batch_size=batch_size,
             new_tokens=new_tokens,
             prompt_tokens=prompt_tokens,
@@ -247,7 +240,6 @@ class LLMPerf:
             rounds=rounds,
             warmup=warmup,
         )
-        spec.check()
         return self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
 
     def forward(
@@ -284,22 +276,44 @@ class LLMPerf:
             )
         if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
             raise UsageError(f"llmperf.forward(warmup={warmup!r}): expected an integer ≥ 0")
-        spec = WorkloadSpec(
-            kind="forward",
-            model=model,
-            model_source=self.model_source("forward", model),
-            engine=engine,
-            engine_options=freeze_options(engine_options, "llmperf.forward(engine_options=...)"),
-            dtype=dtype or self.backend.default_dtype,
+        spec = self._spec(
+            "forward",
+            model,
+            engine,
+            engine_options,
+            dtype,
             batch_size=batch_size,
             sequence_length=sequence_length,
             rounds=FORWARD_ROUNDS if rounds is None else rounds,
             warmup=FORWARD_WARMUP if warmup is None else warmup,
         )
-        spec.check()
         record = self.run(spec, name=name, tolerance=tolerance, launcher=launcher)
         self.overrides.setdefault(record.key, {}).setdefault("gate", FORWARD_GATED)
         return record
+
+    def _spec(
+        self,
+        kind: str,
+        model: str,
+        engine: str,
+        engine_options: Optional[dict[str, Any]],
+        dtype: Optional[str],
+        **fields: Any,
+    ) -> WorkloadSpec:
+        """A checked spec of ``kind``: what every handle method resolves the same way (the
+        model's source, the engine options as data, the backend's default dtype) plus its own
+        ``fields``; errors name the call (``llmperf.<kind>(...)``)."""
+        spec = WorkloadSpec(
+            kind=kind,
+            model=model,
+            model_source=self.model_source(kind, model),
+            engine=engine,
+            engine_options=freeze_options(engine_options, f"llmperf.{kind}(engine_options=...)"),
+            dtype=dtype or self.backend.default_dtype,
+            **fields,
+        )
+        spec.check()
+        return spec
 
     def model_source(self, kind: str, model: str) -> Optional[str]:
         """What a model name stands for when it is not a catalog id, resolved here (the

@@ -259,7 +259,8 @@ class _Job:
             if not is_oom(exc, self.backend):
                 raise
             self.cache.drop(self.backend)
-            record.outcome, record.note = "oom", f"out of memory while loading: {exc}"
+            why = str(exc) or type(exc).__name__  # a MemoryError says nothing by itself
+            record.outcome, record.note = "oom", f"out of memory while loading: {why}"
             return None
         self.cache.put(self.key, loaded)
         return loaded
@@ -299,7 +300,9 @@ class _Job:
                 raise
             self.cache.drop(self.backend)
             record.outcome = "oom"
-            record.note = f"out of memory while {scenario.activity}: {exc}"
+            record.note = (
+                f"out of memory while {scenario.activity}: {str(exc) or type(exc).__name__}"
+            )
             return record
         scenario.fill(record, timing, inputs, loaded, spec, self.backend)
         fill_timing(

@@ -171,6 +171,29 @@ def _file(text: str) -> str:
 DEFAULT_CACHE_SIZE = 100 * 2**30
 #: How the memory cap reaches worker children and ranks (the option's own variable, in bytes).
 MEMORY_LIMIT_ENV = "LLMPERF_MEMORY_LIMIT"
+#: The smallest memory cap: on a CPU host a worker runs under it as RLIMIT_DATA, and the
+#: interpreter, torch and its OpenMP threads need about half a GiB before any model loads;
+#: below that the worker itself dies (libgomp cannot start a thread) instead of a workload
+#: being recorded oom.
+MIN_MEMORY_LIMIT = 2**30
+#: Above this a cap means nothing (and overflows RLIMIT_DATA's C long): say 'unlimited'.
+MAX_MEMORY_LIMIT = 2**60
+
+
+def parse_memory_limit(text: Any) -> Optional[int]:
+    """``--llmperf-memory-limit``: a size between 1 GiB and 1 EiB, or ``unlimited``."""
+    size = parse_size(text)
+    if size is not None and size < MIN_MEMORY_LIMIT:
+        raise SettingError(
+            "below 1GiB: on a CPU host the interpreter, torch and its threads need about half of "
+            "that before any model loads, so the worker process would die instead of a "
+            "workload being recorded oom; give at least 1GiB"
+        )
+    if size is not None and size > MAX_MEMORY_LIMIT:
+        raise SettingError("above 1 EiB; for no cap say 'unlimited'")
+    return size
+
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -343,8 +366,8 @@ OPTIONS: tuple[Option, ...] = (
         "memory_limit",
         "a memory cap, e.g. 2GiB: the memory check and the backend's free memory use it, so "
         "workloads above it are recorded as oom; on CPU child processes run under it "
-        "(RLIMIT_DATA), so a real out-of-memory can happen (default: unlimited)",
-        parse_size,
+        "(RLIMIT_DATA), so a real out-of-memory can happen (at least 1GiB; default: unlimited)",
+        parse_memory_limit,
         None,
     ),
     Option(

@@ -111,6 +111,9 @@ class FakeBackend(Backend):
         self.events.append("read_peak")
         return PEAK_BYTES
 
+    def memory_in_use_bytes(self) -> Optional[int]:
+        return self.resident
+
     def available_memory_bytes(self) -> Optional[int]:
         if ENV_TOTAL in os.environ:
             return int(os.environ[ENV_TOTAL]) - self.resident

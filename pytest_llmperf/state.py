@@ -150,6 +150,14 @@ class RunState:
                 "measurements compete; regressions measured so are inconclusive (run without "
                 "-n for numbers to gate on)"
             )
+        if self.settings.memory_limit is not None:
+            from .units import format_value
+
+            lines.append(
+                f"llmperf: memory capped at {format_value(self.settings.memory_limit, 'B')} "
+                f"({self.settings.sources.get('memory_limit', '')}): larger workloads are "
+                "recorded oom; on cpu the auto launcher runs them in capped child processes"
+            )
         if os.environ.get("CI") and self.updating:
             lines.append("llmperf: updating baselines in CI: results are not gated")
         return lines

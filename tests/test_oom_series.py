@@ -97,6 +97,7 @@ def test_memory_limit_makes_the_estimate_record_large_batches_oom(project):
     )
     result = project.runpytest(FAKE, "--llmperf-report=out", f"--llmperf-memory-limit={cap}")
     result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"llmperf: memory capped at * (--llmperf-memory-limit={cap})*"])
     rows = read_results(project.path / "out")
     assert record_of(rows, "test_cap[batch_size=1]")["outcome"] == "ok"
     big = record_of(rows, "test_cap[batch_size=64]")

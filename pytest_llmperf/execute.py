@@ -259,8 +259,7 @@ class _Job:
             if not is_oom(exc, self.backend):
                 raise
             self.cache.drop(self.backend)
-            why = str(exc) or type(exc).__name__  # a MemoryError says nothing by itself
-            record.outcome, record.note = "oom", f"out of memory while loading: {why}"
+            record.outcome, record.note = "oom", oom_note(exc, "loading")
             return None
         self.cache.put(self.key, loaded)
         return loaded
@@ -283,6 +282,7 @@ class _Job:
 
     def measure(self, loaded: LoadedModel, inputs: Any, record: Record) -> Record:
         spec, scenario = self.spec, self.scenario
+        tokens = scenario.tokens_per_round(spec, inputs)
         try:
             timing = measure.run_rounds(
                 self.backend,
@@ -293,23 +293,21 @@ class _Job:
                 count_new_tokens=lambda out: scenario.produced(out, inputs),
                 token_times=scenario.token_times,
                 progress=self.progress,
-                tokens_per_round=scenario.tokens_per_round(spec, inputs),
+                tokens_per_round=tokens,
             )
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise
             self.cache.drop(self.backend)
             record.outcome = "oom"
-            record.note = (
-                f"out of memory while {scenario.activity}: {str(exc) or type(exc).__name__}"
-            )
+            record.note = oom_note(exc, scenario.activity)
             return record
         scenario.fill(record, timing, inputs, loaded, spec, self.backend)
         fill_timing(
             record,
             timing,
             self.backend,
-            tokens=scenario.tokens_per_round(spec, inputs),
+            tokens=tokens,
             main=scenario.main_metric,
         )
         return record
@@ -364,6 +362,13 @@ def fill_timing(
             "device while it was measured"
         )
     record.note = "; ".join(notes)
+
+
+def oom_note(exc: BaseException, activity: Optional[str] = None) -> str:
+    """The note of an oom record: what was running and what the library said (its type when
+    it said nothing, as a bare MemoryError does)."""
+    doing = f" while {activity}" if activity else ""
+    return f"out of memory{doing}: {str(exc) or type(exc).__name__}"
 
 
 def is_oom(exc: BaseException, backend: Backend) -> bool:

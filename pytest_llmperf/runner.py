@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from . import progress as live
 from .backends.base import Backend
 from .errors import SkipWorkload, UsageError
-from .execute import ModelCache, fill_timing, is_oom, resolve
+from .execute import ModelCache, fill_timing, is_oom, oom_note, resolve
 from .launchers import Launchers
 from .measure import Timing, run_rounds
 from .metrics import FORWARD_GATED, LOAD_GATED
@@ -487,7 +487,7 @@ class LLMPerf:
             if not is_oom(exc, self.backend):
                 raise
             self.backend.free_memory()
-            record.outcome, record.note = "oom", f"out of memory: {exc}"
+            record.outcome, record.note = "oom", oom_note(exc)
             return record
         fill_timing(record, timing, self.backend, tokens=total, main="time_s")
         return record

@@ -13,7 +13,6 @@ the kernel killing the process rather than an exception.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
@@ -23,7 +22,7 @@ from .backends.base import Backend
 from .engines.base import Engine, LoadedModel
 from .errors import SkipWorkload, UsageError
 from .models.store import CheckpointStore
-from .noise import SCATTER_LIMIT, busy_load, scatter
+from .noise import SCATTER_LIMIT, busy_load, busy_note, scatter
 from .progress import Progress, ProgressFn, notify
 from .results import MetricValue, Record
 from .scenarios.base import Scenario
@@ -344,12 +343,11 @@ def fill_timing(
     record.workload["rounds"] = len(timing.e2e)
     notes = [record.note] if record.note else []
     notes += timing.notes
-    record.busy_load = busy_load(backend.host_load())
+    load = backend.host_load()
+    own = backend.own_load(load)
+    record.busy_load = busy_load(load, own)
     if record.busy_load is not None:
-        notes.append(
-            f"machine busy: load average {record.busy_load:.1f} on {os.cpu_count()} CPUs "
-            "during the rounds"
-        )
+        notes.append(busy_note(record.busy_load, own))
     record.scatter = scatter(timing.e2e)
     if record.scatter is not None:
         notes.append(

@@ -47,8 +47,9 @@ class Record:
 
     What the gate decides from is a field, never a phrase in ``note`` (which is for people):
 
-    * ``busy_load`` — the load average when it exceeded what this process accounts for
-      (another job on the node); ``shared_workers`` — pytest-xdist workers that shared the
+    * ``busy_load`` — the load average when the part of it that is not ours (our process
+      family's share: ``noise.own_load``) exceeded what a quiet host shows (another job on
+      the node); ``shared_workers`` — pytest-xdist workers that shared the
       device while this was measured; ``scatter`` — the rounds' robust CV, or the spread of
       confirmation measurements, when beyond what a quiet device shows (the load average lags a
       minute behind a neighbour's job, the scatter does not). Any of them makes a regression

@@ -584,7 +584,20 @@ RECORD_RUN_ENV = "LLMPERF_RECORD_RUN"
 #: Modules a worker process imports first (backends and engines a conftest registers in code).
 WORKER_IMPORTS_ENV = "LLMPERF_WORKER_IMPORTS"
 #: Environment variables of ours that are not options (set by the CLI and for workers).
-INTERNAL_ENV = (KEYS_OUT_ENV, RECORD_RUN_ENV, WORKER_IMPORTS_ENV)
+#: Set in a child of --llmperf-processes: "k/N", and the directory its results go to
+#: (processes.py: the child gates nothing, stores nothing, spawns nothing).
+PROCESS_ENV = "LLMPERF_PROCESS"
+PROCESS_REPORT_ENV = "LLMPERF_PROCESS_REPORT"
+#: The pid whose process tree a worker or rank counts as "ours" in the load (noise.own_load).
+FAMILY_ROOT_ENV = "LLMPERF_FAMILY_ROOT"
+INTERNAL_ENV = (
+    KEYS_OUT_ENV,
+    RECORD_RUN_ENV,
+    WORKER_IMPORTS_ENV,
+    PROCESS_ENV,
+    PROCESS_REPORT_ENV,
+    FAMILY_ROOT_ENV,
+)
 
 
 def _did_you_mean(word: str, known: Any) -> str:

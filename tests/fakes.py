@@ -92,6 +92,11 @@ class FakeBackend(Backend):
     def host_load(self) -> Optional[float]:
         return float(os.environ.get(ENV_LOAD, "0"))
 
+    def own_load(self, load: Optional[float]) -> Optional[float]:
+        """None of the fake load is ours, so FAKE_LOAD is all foreign: deterministic, whatever
+        the test process itself costs (noise.own_load is tested on a fake process table)."""
+        return 0.0
+
     def clock(self) -> float:
         self.events.append("clock")
         return self.now

@@ -25,6 +25,7 @@ from ..backends.base import Backend
 from ..errors import UsageError
 from ..execute import ModelCache
 from ..models.store import CACHE_DIR_ENV, CACHE_SIZE_ENV, CheckpointStore, default_cache_dir
+from ..noise import family_root_env
 from ..settings import DEFAULT_CACHE_SIZE, MEMORY_LIMIT_ENV, format_size
 from ..spec import WorkloadSpec
 from .base import Launcher
@@ -54,6 +55,8 @@ class LaunchSettings:
             **os.environ,
             CACHE_DIR_ENV: str(self.cache_dir),
             CACHE_SIZE_ENV: format_size(self.cache_size),
+            # The child's load is ours: it counts the family this process counts.
+            **family_root_env(),
         }
         env.pop(MEMORY_LIMIT_ENV, None)
         if self.memory_limit is not None:

@@ -241,6 +241,9 @@ class RankBackend(Backend):
     def host_load(self) -> float | None:
         return self.inner.host_load()
 
+    def own_load(self, load: float | None) -> float | None:
+        return self.inner.own_load(load)
+
     def reset_peak_memory(self) -> None:
         self.inner.reset_peak_memory()
 

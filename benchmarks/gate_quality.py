@@ -29,6 +29,29 @@ same draws are judged by
   starts at ``llmperf baselines record --runs 3`` runs and restarts at 1 run whenever the
   versions change, so those regimes are what CI actually meets after an upgrade.
 
+The multi-process rule (``--llmperf-processes=N``, second table)
+--------------------------------------------------------------
+Each trial then draws K + N distinct runs: K stored runs and N current processes, for every K
+in ``--histories`` (5, 8) and N in ``--processes`` (1, 4, 8, 16; a K, N the pool is too small
+for is skipped and said). The N processes are combined as ``ProcessPool.combine`` does
+(``MetricValue.processes`` = their medians, ``value`` = the median of those; a slowdown scales
+each process) and judged by ``compare_metric`` with ``GateSettings(tolerance=T,
+comparisons=m)``: T from ``--process-tolerance`` (0.03, 0.05), m the gated comparisons of one
+process of the suite (``--comparisons``, default 2 x the pool's workloads). N = 1 rows are
+today's rule, alone and with the confirmation, at ``--one-process-tolerance`` (8 %, the CPU
+default, and 3 %). The suite's wall time for N processes is N x one process's, estimated from
+the pool's wall times with the rounds beyond the plugin's 10 taken off. Two checks follow: the
+minimum detectable slowdown ``llmperf baselines show`` prints (``verdict.minimum_detectable``),
+tested against the detection the resampling finds at exactly that slowdown (``--mde-check``),
+and the "day drift": the pool's level against the repository's stored baselines of the same
+entries, recorded at other times, which the tolerance has to absorb.
+``--also-mann-whitney`` adds the rows of the same rule with a one-sided Mann-Whitney test on
+the process medians in place of Welch's t (rank-based: one process slowed 10x by a neighbour
+weighs like any other slow one). ``--drop-runs`` leaves runs out (numbers as measured), to see
+how much a few contaminated runs weigh.
+
+Confidence
+----------
 The confidence intervals are Wilson intervals over the resampled comparisons. They say how
 precisely *this pool* was resampled, not how well the pool stands for the machine: trials reuse
 the same N runs, so the pool itself is the larger uncertainty. The report therefore also gives a
@@ -41,6 +64,7 @@ Usage
     python benchmarks/gate_quality.py --runs 20 --pool gate_pool.json --json gate_quality.json
     python benchmarks/gate_quality.py --reuse --pool gate_pool.json --trials 20000   # analysis
     python benchmarks/gate_quality.py --runs 30 --reuse --pool gate_pool.json  # add 10 runs
+    python benchmarks/gate_quality.py --reuse --pool gate_pool.json --processes 8 --histories 5
 
 Run it on a quiet machine: every other process on it is part of what gets measured. It always
 exits 0 once it has figures (a measurement, not a test); a figure that misses its goal is
@@ -51,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,6 +94,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
+from pytest_llmperf import baselines
 from pytest_llmperf.baselines import record_to_run
 from pytest_llmperf.gate import GatePolicy, decide
 from pytest_llmperf.metrics import METRICS
@@ -76,7 +102,17 @@ from pytest_llmperf.metrics import metric as metric_info
 from pytest_llmperf.noise import scatter
 from pytest_llmperf.report import load_results
 from pytest_llmperf.results import MetricValue, Record
-from pytest_llmperf.verdict import GateSettings, Verdict, compare_metric, judge
+from pytest_llmperf.units import format_value
+from pytest_llmperf.verdict import (
+    GateSettings,
+    Verdict,
+    base_values,
+    between_run_spread,
+    compare_metric,
+    judge,
+    log_spread,
+    minimum_detectable,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 POOL_SCHEMA = "llmperf-gate-quality-pool/1"
@@ -86,6 +122,8 @@ ROUNDS = 10
 # Metrics with per-round samples (Mann-Whitney needs them); the others are single readings.
 SAMPLED = ("e2e_latency_s", "ms_per_token", "tokens_per_s", "tpot_s", "ttft_s")
 SCENARIOS = (("aa", 1.0), ("s5", 1.05), ("s10", 1.10))
+#: Trials per workload of the minimum-detectable check (its 90 % is then known to +-1.3 %).
+MDE_TRIALS = 2000
 # figure -> (label, comparison, goal)
 FIGURES: dict[str, tuple[str, str, float]] = {
     "aa": ("false alarms / comparison", "<=", 0.01),
@@ -209,6 +247,17 @@ def build_pool(args: argparse.Namespace) -> dict[str, Any]:
     return pool
 
 
+def drop_runs(pool: dict[str, Any], drop: Sequence[int]) -> dict[str, Any]:
+    """The pool without runs ``drop`` (1-based); ``numbers`` keeps the others' numbers."""
+    n = len(pool["runs"])
+    bad = [i for i in drop if i > n]
+    if bad:
+        raise SystemExit(f"--drop-runs {','.join(map(str, bad))}: the pool has {n} runs")
+    keep = [i for i in range(1, n + 1) if i not in set(drop)]
+    print(f"pool: runs {', '.join(map(str, sorted(set(drop))))} left out (--drop-runs)")
+    return {**pool, "runs": [pool["runs"][i - 1] for i in keep], "numbers": keep}
+
+
 def _short(workload: dict[str, Any]) -> str:
     return "/".join(str(workload.get(k)) for k in ("model", "dtype") if k in workload)
 
@@ -223,16 +272,39 @@ def _median_ms(record: dict[str, Any], name: str) -> str:
 
 @dataclass
 class Workload:
-    """One workload's runs in the pool: stored runs (as baselines) and current values."""
+    """One workload's runs in the pool: stored runs (as baselines) and each run's measurements.
+
+    ``attempts[i]`` are run ``i``'s consecutive measurements of ROUNDS rounds: the first stands
+    for the run (a stored baseline run, or one current process), the later ones are what the
+    confirmation's re-measurements in that process would have seen.
+    """
 
     key: str
     label: str
+    suite: str
     records: list[Record]
+    attempts: list[list[MetricValue]]
     stored: list[dict[str, Any]] = field(default_factory=list)
-    current: dict[str, list[MetricValue]] = field(default_factory=dict)
     gated: list[Record] = field(default_factory=list)  # records with only the gated metrics
-    # scenario -> per run: the run's consecutive measurements (first = ``current``)
-    attempts: dict[str, list[list[MetricValue]]] = field(default_factory=dict)
+    _slowed: dict[tuple[int, int, float], MetricValue] = field(default_factory=dict, repr=False)
+
+    def medians(self) -> list[float]:
+        """Each run's median: its first measurement's, what it stands for."""
+        return [_value(parts[0]) for parts in self.attempts]
+
+    def measurement(self, run: int, factor: float, attempt: int = 0) -> MetricValue:
+        """Run ``run``'s measurement ``attempt`` as if the code were ``factor`` times slower."""
+        key = (run, attempt, factor)
+        value = self._slowed.get(key)
+        if value is None:
+            value = self._slowed[key] = slowed(self.attempts[run][attempt], factor)
+        return value
+
+
+def _value(m: MetricValue) -> float:
+    if m.value is None:  # workloads_from_pool drops workloads without values
+        raise ValueError(f"{m.name}: no value")
+    return float(m.value)
 
 
 def slowed(value: MetricValue, factor: float) -> MetricValue:
@@ -282,17 +354,44 @@ def workloads_from_pool(pool: dict[str, Any], name: str, attempts: int = 1) -> l
             dataclasses.replace(r, metrics={**r.metrics, name: parts[0]})
             for r, parts in zip(records, split)
         ]
-        wl = Workload(key=key, label=_short(records[0].workload) or key, records=records)
+        wl = Workload(
+            key=key,
+            label=_short(records[0].workload) or key,
+            suite=records[0].suite,
+            records=records,
+            attempts=split,
+        )
         wl.stored = [record_to_run(r) for r in records]
         wl.gated = [
             dataclasses.replace(r, metrics={m: v for m, v in r.metrics.items() if m in gate})
             for r in records
         ]
-        for scen, factor in SCENARIOS:
-            wl.current[scen] = [slowed(r.metrics[name], factor) for r in records]
-            wl.attempts[scen] = [[slowed(m, factor) for m in parts] for parts in split]
         out.append(wl)
     return out
+
+
+class Current:
+    """What one trial judges for one workload: the current run (N = 1) or the N processes'
+    medians combined as ``ProcessPool.combine`` combines them (``value`` = their median,
+    ``processes`` = the medians, ``samples`` = all rounds), all ``factor`` times slower."""
+
+    def __init__(self, wl: Workload, name: str, runs: Sequence[int], factor: float) -> None:
+        self.wl, self.name, self.runs, self.factor = wl, name, list(runs), factor
+
+    @functools.cached_property
+    def value(self) -> MetricValue:
+        parts = [self.wl.measurement(i, self.factor) for i in self.runs]
+        if len(parts) == 1:
+            return parts[0]
+        medians = [float(p.value) for p in parts if p.value is not None]
+        samples = [s for p in parts for s in p.samples]
+        return MetricValue(self.name, statistics.median(medians), samples, processes=medians)
+
+    @property
+    def attempts(self) -> list[MetricValue]:
+        """The single current run's consecutive measurements (the confirmation's view)."""
+        (run,) = self.runs
+        return [self.wl.measurement(run, self.factor, a) for a in range(len(self.wl.attempts[run]))]
 
 
 @dataclass(frozen=True)
@@ -300,32 +399,84 @@ class Rule:
     """A regression rule: ``red(metric, current, runs)`` sees only the newest ``depth`` baseline
     runs (None: all K). A rule that sees few runs is judged once per distinct draw (cached)."""
 
-    red: Callable[[str, MetricValue, list[dict[str, Any]]], bool]
+    red: Callable[[str, Current, list[dict[str, Any]]], bool]
     depth: int | None = None
 
 
 def rule_default(settings: GateSettings, depth: int | None = None) -> Rule:
-    def red(name: str, cur: MetricValue, runs: list[dict[str, Any]]) -> bool:
-        return compare_metric(name, cur, runs, settings).verdict is Verdict.REGRESSED
+    def red(name: str, cur: Current, runs: list[dict[str, Any]]) -> bool:
+        return compare_metric(name, cur.value, runs, settings).verdict is Verdict.REGRESSED
 
     return Rule(red, depth)
 
 
+def rule_processes(settings: GateSettings) -> Rule:
+    """The multi-process rule (``--llmperf-processes=N``): ``compare_metric`` on the N process
+    medians against the K stored run medians, with ``settings.process_alpha``.
+
+    The rule is never red unless the median of the process medians is worse than the center by
+    more than the tolerance, so such trials skip the Welch test (scipy's call costs ~0.5 ms, the
+    bulk of the analysis): the same verdicts, in a third of the time.
+    """
+
+    def red(name: str, cur: Current, runs: list[dict[str, Any]]) -> bool:
+        lower = metric_info(name).lower_is_better
+        now = _value(cur.value)
+        center = statistics.median(float(r["metrics"][name]["median"]) for r in runs)
+        worse = (now - center) if lower else (center - now)
+        margin = max(settings.tolerance_for(name) * abs(center), settings.abs_slack.get(name, 0))
+        if worse <= 0 or abs(now - center) <= margin:
+            return False
+        return compare_metric(name, cur.value, runs, settings).verdict is Verdict.REGRESSED
+
+    return Rule(red)
+
+
+def rule_processes_mwu(settings: GateSettings) -> Rule:
+    """The multi-process rule with a one-sided Mann-Whitney U test on the process medians in
+    place of Welch's t (not what the plugin does: a comparison for ``--also-mann-whitney``)."""
+
+    def red(name: str, cur: Current, runs: list[dict[str, Any]]) -> bool:
+        lower = metric_info(name).lower_is_better
+        now = _value(cur.value)
+        medians = [float(r["metrics"][name]["median"]) for r in runs]
+        center = statistics.median(medians)
+        worse = (now - center) if lower else (center - now)
+        margin = max(settings.tolerance_for(name) * abs(center), settings.abs_slack.get(name, 0))
+        if worse <= 0 or abs(now - center) <= margin:
+            return False
+        alt = "greater" if lower else "less"
+        p = stats.mannwhitneyu(cur.value.processes, medians, alternative=alt).pvalue
+        return bool(p < settings.process_alpha)
+
+    return Rule(red)
+
+
+def rule_confirm(settings: GateSettings) -> Rule:
+    """The plugin's one-process gate: the default rule, then ``--llmperf-confirm``'s
+    re-measurements in the same process (``gate.decide``)."""
+
+    def red(name: str, cur: Current, runs: list[dict[str, Any]]) -> bool:
+        return policy_red(name, cur.attempts, runs, settings)
+
+    return Rule(red)
+
+
 def rule_fixed(factor: float) -> Rule:
-    def red(name: str, cur: MetricValue, runs: list[dict[str, Any]]) -> bool:
+    def red(name: str, cur: Current, runs: list[dict[str, Any]]) -> bool:
         base = runs[-1]["metrics"][name]["median"]
         if metric_info(name).lower_is_better:
-            return cur.value > factor * base
-        return cur.value * factor < base
+            return _value(cur.value) > factor * base
+        return _value(cur.value) * factor < base
 
     return Rule(red, 1)
 
 
 def rule_mwu(alpha: float) -> Rule:
-    def red(name: str, cur: MetricValue, runs: list[dict[str, Any]]) -> bool:
+    def red(name: str, cur: Current, runs: list[dict[str, Any]]) -> bool:
         base = runs[-1]["metrics"][name]["samples"]
         alt = "greater" if metric_info(name).lower_is_better else "less"
-        return bool(stats.mannwhitneyu(cur.samples, base, alternative=alt).pvalue < alpha)
+        return bool(stats.mannwhitneyu(cur.value.samples, base, alternative=alt).pvalue < alpha)
 
     return Rule(red, 1)
 
@@ -398,7 +549,7 @@ def figure(reds: np.ndarray, counts: np.ndarray, members: np.ndarray, key: str) 
 def pool_facts(workloads: list[Workload], name: str) -> dict[str, Any]:
     rows = {}
     for wl in workloads:
-        meds = [r.value(name) for r in wl.records]
+        meds = wl.medians()
         cvs = [
             statistics.stdev(r.metrics[name].samples) / statistics.fmean(r.metrics[name].samples)
             for r in wl.records
@@ -416,96 +567,129 @@ def pool_facts(workloads: list[Workload], name: str) -> dict[str, Any]:
     return rows
 
 
-def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Resampled:
+    """The verdicts of one design (K stored runs, N current processes per trial)."""
+
+    draws: np.ndarray  # trials x (K + N) pool run indices: K stored (oldest first), N current
+    members: np.ndarray  # trials x pool runs: which runs a trial used (for the jackknife)
+    red: dict[str, dict[str, np.ndarray]]  # rule -> scenario -> trials x workloads
+    suite_red: np.ndarray | None  # judge() on the whole record (N = 1 only, when asked)
+
+
+def resample(
+    workloads: list[Workload],
+    name: str,
+    rules: dict[str, Rule],
+    k: int,
+    n: int,
+    trials: int,
+    seed: int,
+    scenarios: Sequence[tuple[str, float]] = SCENARIOS,
+    judge_with: GateSettings | None = None,
+) -> Resampled:
+    """Judge ``trials`` draws of K + N distinct pool runs with every rule and scenario.
+
+    Every workload of a trial sees the same runs (one suite run is one set of processes), and
+    every rule the same draws, so rows differ by their rule only. The seed alone fixes the
+    draws: the K=5, N=1 rows repeat the first table's numbers.
+    """
+    rng = np.random.default_rng(seed)
+    n_runs, n_wl = len(workloads[0].records), len(workloads)
+    draws = np.array([rng.choice(n_runs, k + n, replace=False) for _ in range(trials)])
+    members = np.zeros((trials, n_runs), dtype=bool)
+    members[np.arange(trials)[:, None], draws] = True
+    red = {r: {s: np.zeros((trials, n_wl), dtype=bool) for s, _ in scenarios} for r in rules}
+    suite_red = np.zeros(trials, dtype=bool) if judge_with is not None and n == 1 else None
+    cache: dict[tuple[Any, ...], bool] = {}
+    start = shown = time.perf_counter()
+    for t in range(trials):
+        base_idx, cur_idx = [int(i) for i in draws[t, :k]], [int(i) for i in draws[t, k:]]
+        for w, wl in enumerate(workloads):
+            runs = [wl.stored[i] for i in base_idx]
+            for scen, factor in scenarios:
+                cur = Current(wl, name, cur_idx, factor)
+                for rname, rule in rules.items():
+                    depth = k if rule.depth is None else rule.depth
+                    if depth >= k:
+                        red[rname][scen][t, w] = rule.red(name, cur, runs)
+                        continue
+                    ckey = (rname, w, scen, *cur_idx, *base_idx[-depth:])
+                    hit = cache.get(ckey)
+                    if hit is None:
+                        hit = cache[ckey] = rule.red(name, cur, runs[-depth:])
+                    red[rname][scen][t, w] = hit
+            if suite_red is not None and judge_with is not None and not suite_red[t]:
+                suite_red[t] = judge(wl.gated[cur_idx[0]], runs, judge_with).failed
+        if time.perf_counter() - shown > 60 or t + 1 == trials:
+            shown = time.perf_counter()
+            print(f"  K={k}, N={n}: {t + 1}/{trials} trials, {shown - start:.0f} s", flush=True)
+    return Resampled(draws, members, red, suite_red)
+
+
+def figures_of(res: Resampled, rule: str) -> dict[str, dict[str, Any]]:
+    """The four figures of one rule: per comparison, per suite run, per slowdown."""
+    red = res.red[rule]
+    trials, n_wl = red["aa"].shape
+    per_wl, per_trial = np.full(trials, n_wl, dtype=float), np.ones(trials, dtype=float)
+    return {
+        "aa": figure(red["aa"].sum(axis=1).astype(float), per_wl, res.members, "aa"),
+        "suite": figure(red["aa"].any(axis=1).astype(float), per_trial, res.members, "suite"),
+        "s5": figure(red["s5"].sum(axis=1).astype(float), per_wl, res.members, "s5"),
+        "s10": figure(red["s10"].sum(axis=1).astype(float), per_wl, res.members, "s10"),
+    }
+
+
+def analyse(
+    pool: dict[str, Any], args: argparse.Namespace, workloads: list[Workload]
+) -> dict[str, Any]:
+    """The one-process rules, K = --history stored runs and 1 current run per trial."""
     name, k_hist = args.metric, args.history
-    workloads = workloads_from_pool(pool, name, args.attempts)
-    n_attempts = min(len(a) for wl in workloads for a in wl.attempts["aa"]) if workloads else 1
-    n_runs = len(pool["runs"])
     if not workloads:
         raise SystemExit("no workload was measured ok with that metric in every run")
+    n_attempts = min(len(a) for wl in workloads for a in wl.attempts)
+    n_runs = len(pool["runs"])
     if n_runs < k_hist + 1:
         raise SystemExit(
             f"the pool has {n_runs} runs; a trial needs {k_hist + 1} distinct ones "
             f"(--history {k_hist} baseline runs + 1 current): measure more (--runs)"
         )
+    numbers = pool.get("numbers") or list(range(1, n_runs + 1))  # as measured (--drop-runs)
     settings = GateSettings(tolerance=args.tolerance, spread_multiple=args.spread_multiple)
     rules: dict[str, Rule] = {f"default rule, K={k_hist}": rule_default(settings)}
     for k in args.short_history:
         if k < k_hist:
             rules[f"default rule, K={k}"] = rule_default(settings, k)
-    confirm_name = f"gate policy, K={k_hist}, + confirm ({n_attempts - 1} re-measurements)"
     if n_attempts > 1:
-        # Placeholder: judged below from the run's later measurements, like the plugin does.
-        rules[confirm_name] = rule_default(settings)
+        name_confirm = f"gate policy, K={k_hist}, + confirm ({n_attempts - 1} re-measurements)"
+        rules[name_confirm] = rule_confirm(settings)
     rules["fixed 5% factor, 1 run"] = rule_fixed(1.05)
     rules[f"Mann-Whitney p<{settings.alpha:g}, 1 run"] = rule_mwu(settings.alpha)
 
-    rng = np.random.default_rng(args.seed)
-    trials, n_wl = args.trials, len(workloads)
-    draws = np.array([rng.choice(n_runs, k_hist + 1, replace=False) for _ in range(trials)])
-    members = np.zeros((trials, n_runs), dtype=bool)
-    members[np.arange(trials)[:, None], draws] = True
-    red = {r: {s: np.zeros((trials, n_wl), dtype=bool) for s, _ in SCENARIOS} for r in rules}
-    # judge() on the current record's gated metrics (the others are compared but never fail).
-    gate_red = np.zeros(trials, dtype=bool)
-
     print(
-        f"resampling {trials} trials x {n_wl} workloads x {len(SCENARIOS)} scenarios "
-        f"x {len(rules)} rules (seed {args.seed}) ...",
+        f"resampling {args.trials} trials x {len(workloads)} workloads x {len(SCENARIOS)} "
+        f"scenarios x {len(rules)} rules (seed {args.seed}) ...",
         flush=True,
     )
-    start, step = time.perf_counter(), max(1, trials // 10)
-    cache: dict[tuple[Any, ...], bool] = {}
-    for t in range(trials):
-        base_idx, cur_idx = [int(i) for i in draws[t, :k_hist]], int(draws[t, k_hist])
-        for w, wl in enumerate(workloads):
-            runs = [wl.stored[i] for i in base_idx]
-            for scen, _ in SCENARIOS:
-                cur = wl.current[scen][cur_idx]
-                for rname, rule in rules.items():
-                    if rname == confirm_name:
-                        red[rname][scen][t, w] = policy_red(
-                            name, wl.attempts[scen][cur_idx], runs, settings
-                        )
-                        continue
-                    depth = k_hist if rule.depth is None else rule.depth
-                    ckey = (rname, w, scen, cur_idx, *base_idx[-depth:])
-                    hit = cache.get(ckey)
-                    if hit is None:
-                        hit = rule.red(name, cur, runs[-depth:])
-                        if depth < k_hist:
-                            cache[ckey] = hit
-                    red[rname][scen][t, w] = hit
-            if not gate_red[t]:
-                gate_red[t] = judge(wl.gated[cur_idx], runs, settings).failed
-        if (t + 1) % step == 0:
-            el = time.perf_counter() - start
-            print(f"  {t + 1}/{trials} trials, {el:.0f} s", flush=True)
-
-    ones_w = np.full(trials, n_wl, dtype=float)
-    ones = np.ones(trials, dtype=float)
-    figures: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    res = resample(workloads, name, rules, k_hist, 1, args.trials, args.seed, judge_with=settings)
+    figures = {rname: figures_of(res, rname) for rname in rules}
     culprits: dict[str, dict[str, int]] = {}
     for rname in rules:
-        aa = red[rname]["aa"]
-        figures[rname] = {
-            "aa": figure(aa.sum(axis=1).astype(float), ones_w, members, "aa"),
-            "suite": figure(aa.any(axis=1).astype(float), ones, members, "suite"),
-            "s5": figure(red[rname]["s5"].sum(axis=1).astype(float), ones_w, members, "s5"),
-            "s10": figure(red[rname]["s10"].sum(axis=1).astype(float), ones_w, members, "s10"),
-        }
-        who = Counter(int(draws[t, k_hist]) + 1 for t in np.flatnonzero(aa.any(axis=1)))
+        aa = res.red[rname]["aa"]
+        who = Counter(numbers[int(res.draws[t, k_hist])] for t in np.flatnonzero(aa.any(axis=1)))
         culprits[rname] = {f"run {i}": c for i, c in who.most_common()}
-    gate_fig = figure(gate_red.astype(float), ones, members, "suite")
+    assert res.suite_red is not None
+    gate_fig = figure(res.suite_red.astype(float), np.ones(args.trials), res.members, "suite")
     main = f"default rule, K={k_hist}"
     per_workload = {
-        wl.key: {s: float(red[main][s][:, w].mean()) for s in ("aa", "s5", "s10")}
+        wl.key: {s: float(res.red[main][s][:, w].mean()) for s in ("aa", "s5", "s10")}
         for w, wl in enumerate(workloads)
     }
     return {
         "metric": name,
         "history": k_hist,
-        "trials": trials,
+        "trials": args.trials,
         "seed": args.seed,
         "pool_runs": n_runs,
         "pytest_args": pool["pytest_args"],
@@ -516,6 +700,194 @@ def analyse(pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "per_workload_default": per_workload,
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+# ------------------------------------------------------------- the multi-process rule (N >= 2)
+
+
+def wall_estimate(pool: dict[str, Any]) -> dict[str, Any]:
+    """One process's wall time at the plugin's default ROUNDS rounds, from the pool's runs.
+
+    A pool run measured more rounds (``--attempts``); the time its rounds beyond the first
+    ROUNDS took (their e2e_latency_s samples, summed over the workloads) is taken off its wall
+    time. What a round costs outside the timed region stays in, so this errs high.
+    """
+    walls, extra = [], []
+    for run in pool["runs"]:
+        beyond = 0.0
+        for r in run["records"]:
+            samples = ((r.get("metrics") or {}).get("e2e_latency_s") or {}).get("samples") or []
+            beyond += sum(samples[ROUNDS:])
+        walls.append(run["wall_s"] - beyond)
+        extra.append(beyond)
+    rounds = max(
+        len(((r.get("metrics") or {}).get("e2e_latency_s") or {}).get("samples") or [])
+        for run in pool["runs"]
+        for r in run["records"]
+    )
+    return {
+        "per_process_s": statistics.median(walls),
+        "measured_median_s": statistics.median(run["wall_s"] for run in pool["runs"]),
+        "rounds_measured": rounds,
+        "rounds_removed_median_s": statistics.median(extra),
+        "how": (
+            f"median over the pool's runs of (wall time - the e2e_latency_s of rounds "
+            f"{ROUNDS + 1}..{rounds}); N processes = N x that (children run one at a time)"
+            if rounds > ROUNDS
+            else "median wall time of the pool's runs; N processes = N x that"
+        ),
+    }
+
+
+def analyse_processes(
+    pool: dict[str, Any], args: argparse.Namespace, workloads: list[Workload]
+) -> dict[str, Any]:
+    """K stored runs and N current processes per trial, for every K in --histories and N in
+    --processes; N = 1 is judged by today's one-process rules, N >= 2 by the multi-process
+    rule with ``GateSettings(tolerance=T, comparisons=m)``."""
+    name, n_runs = args.metric, len(pool["runs"])
+    m = args.comparisons or 2 * len(workloads)
+    level = GateSettings(comparisons=m).process_alpha
+    wall = wall_estimate(pool)
+    rows: list[dict[str, Any]] = []
+    skipped = []
+    start = time.perf_counter()
+    for k in args.histories:
+        for n in args.processes:
+            if k + n > n_runs:
+                skipped.append(f"K={k}, N={n}: needs {k + n} distinct runs, the pool has {n_runs}")
+                continue
+            rules: dict[str, tuple[str, float, Rule]] = {}
+            if n == 1:
+                for tol in args.one_process_tolerance:
+                    one = GateSettings(tolerance=tol, spread_multiple=args.spread_multiple)
+                    rules[f"default rule {tol:.0%}"] = ("default rule", tol, rule_default(one))
+                    rules[f"+ confirm {tol:.0%}"] = (
+                        "default rule + confirm",
+                        tol,
+                        rule_confirm(one),
+                    )
+            else:
+                for tol in args.process_tolerance:
+                    multi = GateSettings(tolerance=tol, comparisons=m)
+                    rules[f"processes {tol:.0%}"] = ("process medians", tol, rule_processes(multi))
+                    if args.also_mann_whitney:
+                        rules[f"mwu {tol:.0%}"] = (
+                            "process medians, Mann-Whitney",
+                            tol,
+                            rule_processes_mwu(multi),
+                        )
+            res = resample(
+                workloads, name, {r: v[2] for r, v in rules.items()}, k, n, args.trials, args.seed
+            )
+            for rname, (label, tol, _) in rules.items():
+                rows.append(
+                    {
+                        "k": k,
+                        "n": n,
+                        "rule": label,
+                        "tolerance": tol,
+                        "figures": figures_of(res, rname),
+                        "wall_s": n * wall["per_process_s"],
+                    }
+                )
+    return {
+        "comparisons": m,
+        "process_alpha": level,
+        "rows": rows,
+        "skipped": skipped,
+        "wall": wall,
+        "mde_check": mde_check(workloads, args, m),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def mde_check(workloads: list[Workload], args: argparse.Namespace, m: int) -> list[dict[str, Any]]:
+    """Does ``verdict.minimum_detectable`` (what ``llmperf baselines show`` prints) hold on
+    measured runs? Per workload, at the first --process-tolerance: the slowdown it predicts for
+    K stored runs and N processes from the pool's spread, the robust CV
+    (``between_run_spread``) and the log sd (``log_spread``, what ``show`` uses for N >= 2),
+    then the detection rate the resampling finds at exactly that slowdown (predicted: 90 %)."""
+    k, n = args.mde_check
+    if k + n > len(workloads[0].records):
+        return []
+    trials = min(args.trials, MDE_TRIALS)
+    tol = args.process_tolerance[0]
+    settings = GateSettings(tolerance=tol, comparisons=m)
+    out = []
+    for w, wl in enumerate(workloads):
+        for label, spread in (
+            ("robust CV", between_run_spread(wl.medians())),
+            ("log sd", log_spread(wl.medians())),
+        ):
+            mde = minimum_detectable(spread, k, n, settings.process_alpha, tol)
+            if mde is None or spread is None:
+                continue
+            res = resample(
+                [wl],
+                args.metric,
+                {"rule": rule_processes(settings)},
+                k,
+                n,
+                trials,
+                args.seed + 1 + w,
+                scenarios=(("mde", 1 + mde),),
+            )
+            hits = int(res.red["rule"]["mde"].sum())
+            low, high = wilson(hits, trials)
+            out.append(
+                {
+                    "workload": wl.label,
+                    "tolerance": tol,
+                    "k": k,
+                    "n": n,
+                    "spread_kind": label,
+                    "spread": spread,
+                    "mde": mde,
+                    "detected": hits / trials,
+                    "trials": trials,
+                    "ci95": [low, high],
+                }
+            )
+    return out
+
+
+def day_drift(workloads: list[Workload], name: str, root: Path) -> list[dict[str, Any]]:
+    """The pool's level against the repository's stored baselines of the same entries
+    (recorded on other days, CPU devices): how far the level moves from day to day, which the
+    tolerance has to absorb since the multi-process rule compares against stored runs."""
+    if not root.is_dir():
+        return []
+    files = {
+        where: bf for where, bf in baselines.load_dir(root).items() if where[0].startswith("cpu-")
+    }
+    out = []
+    for wl in workloads:
+        pool_meds = wl.medians()
+        pool_center = statistics.median(pool_meds)
+        for (device, suite), bf in sorted(files.items()):
+            if suite != wl.suite or wl.key not in bf.entries:
+                continue
+            runs = bf.entries[wl.key]
+            meds = [med for med, _ in base_values(name, runs)]
+            if not meds:
+                continue
+            stored = statistics.median(meds)
+            dates = sorted(str(r.get("date", "?")) for r in runs if r.get("outcome") == "ok")
+            out.append(
+                {
+                    "workload": wl.label,
+                    "device": device,
+                    "stored_runs": len(meds),
+                    "stored_dates": [dates[0], dates[-1]] if dates else [],
+                    "stored_median": stored,
+                    "stored_spread": between_run_spread(meds),
+                    "pool_median": pool_center,
+                    "pool_spread": between_run_spread(pool_meds),
+                    "ratio": pool_center / stored if stored else None,
+                }
+            )
+    return out
 
 
 # ----------------------------------------------------------------------------- the report
@@ -620,6 +992,120 @@ def render(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def render_processes(proc: dict[str, Any], res: dict[str, Any]) -> str:
+    """The multi-process table: K stored runs x N current processes, with wall times."""
+    wall = proc["wall"]
+    m, level = proc["comparisons"], proc["process_alpha"]
+    lines = [
+        f"## Gate quality with N processes: {res['metric']}, {res['pool_runs']} runs"
+        + (
+            f" (runs {', '.join(map(str, res['dropped_runs']))} left out)"
+            if res.get("dropped_runs")
+            else ""
+        )
+        + f", {res['trials']} trials per row",
+        "",
+        "Each trial draws K + N distinct runs: K stored runs (as `llmperf baselines record` "
+        "stores them) and N current processes. N = 1: today's one-process rule "
+        "(`compare_metric`, allowance max(tolerance, 2 x between-run CV)), alone and with the "
+        "plugin's confirmation (`gate.decide`). N >= 2: the multi-process rule (`compare_metric` "
+        "on the N process medians: one-sided Welch t on their logs against the K run medians, "
+        f"p < {level:.2g} = min(alpha 0.01, family alpha 0.05 / {m} gated comparisons), and the "
+        "median of process medians worse than the stored center by more than the tolerance). "
+        f"m = {m} (--comparisons): the gated comparisons of one process of the suite "
+        "(e2e_latency_s and peak_memory_bytes per workload); only "
+        f"{res['metric']} is resampled here, so the suite A/A column counts half of the "
+        "suite's gated comparisons. **Slowdowns are simulated** (each process's samples x "
+        "1.05 / 1.10). Every workload of a trial uses the same runs; every row of one K, N the "
+        "same draws. Cells: rate [95 % Wilson CI].",
+        "",
+        "| K | N | rule | tolerance | "
+        + " | ".join(f"{lab} (goal {op} {g:.0%})" for lab, op, g in FIGURES.values())
+        + " | suite wall time |",
+        "|---|---|---|---|" + "---|" * len(FIGURES) + "---|",
+    ]
+    for row in proc["rows"]:
+        lines.append(
+            f"| {row['k']} | {row['n']} | {row['rule']} | {row['tolerance']:.0%} | "
+            + " | ".join(cell(row["figures"][key]) for key in FIGURES)
+            + f" | {_minutes(row['wall_s'])} |"
+        )
+    for text in proc["skipped"]:
+        lines.append(f"\nskipped: {text}")
+    lines += [
+        "",
+        f"Suite wall time: N x {wall['per_process_s']:.1f} s per process at {ROUNDS} rounds per "
+        f"workload, estimated as the {wall['how']} (the pool's runs took "
+        f"{wall['measured_median_s']:.1f} s at {wall['rounds_measured']} rounds; the rounds "
+        f"beyond {ROUNDS} took {wall['rounds_removed_median_s']:.1f} s of that).",
+        "",
+        "Pool uncertainty (jackknife SE over the pool's runs, percentage points):",
+        "",
+        "| K | N | rule | tolerance | " + " | ".join(lab for lab, _, _ in FIGURES.values()) + " |",
+        "|---|---|---|---|" + "---|" * len(FIGURES),
+    ]
+    for row in proc["rows"]:
+        lines.append(
+            f"| {row['k']} | {row['n']} | {row['rule']} | {row['tolerance']:.0%} | "
+            + " | ".join(_se(row["figures"][key]["pool_se"]) for key in FIGURES)
+            + " |"
+        )
+    if proc["mde_check"]:
+        c0 = proc["mde_check"][0]
+        lines += [
+            "",
+            f"`verdict.minimum_detectable` (the MDE of `llmperf baselines show`) against the "
+            f"resampling, K={c0['k']}, N={c0['n']}, tolerance {c0['tolerance']:.0%}: the "
+            "slowdown it predicts from the spread of all the pool's run medians (robust CV, or "
+            "sd of their logs as `show` uses for N >= 2) and the share of "
+            f"{c0['trials']} trials that caught exactly that slowdown (predicted: 90 %):",
+            "",
+            "| workload | spread from | spread | predicted MDE | caught at the MDE |",
+            "|---|---|---|---|---|",
+        ]
+        for c in proc["mde_check"]:
+            low, high = c["ci95"]
+            lines.append(
+                f"| {c['workload']} | {c['spread_kind']} | {_pct(c['spread'], 2)} "
+                f"| +{_pct(c['mde'])} | {_pct(c['detected'])} [{_pct(low)}, {_pct(high)}] |"
+            )
+    drift = proc.get("day_drift") or []
+    unit = METRICS[res["metric"]].unit
+    if drift:
+        lines += [
+            "",
+            "Day drift: the pool's median against the repository's stored baselines of the same "
+            "entries (recorded at other times, on the dates shown); the multi-process rule "
+            "compares with stored runs, so its tolerance must absorb this:",
+            "",
+            "| workload | device | stored runs (dates) | stored median | stored spread "
+            "| pool median | pool spread | pool / stored |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for d in drift:
+            dates = " .. ".join(x[:16] for x in d["stored_dates"])
+            ratio = "n/a" if d["ratio"] is None else f"{d['ratio']:.3f}"
+            lines.append(
+                f"| {d['workload']} | {d['device']} | {d['stored_runs']} ({dates}) "
+                f"| {format_value(d['stored_median'], unit)} | {_pct(d['stored_spread'], 2)} "
+                f"| {format_value(d['pool_median'], unit)} | {_pct(d['pool_spread'], 2)} "
+                f"| {ratio} |"
+            )
+        ratios = [d["ratio"] for d in drift if d["ratio"] is not None]
+        if ratios:
+            worst = max(ratios, key=lambda r: abs(math.log(r)))
+            lines.append(
+                f"\nLargest day-to-day move: ×{worst:.3f}; median |move| "
+                f"{_pct(statistics.median(abs(r - 1) for r in ratios))}."
+            )
+    lines += ["", f"(multi-process analysis {proc['seconds']} s)"]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -630,6 +1116,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
     if any(x < 1 for x in out):
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1")
+    return out
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions") from None
+    if not out or any(not 0 <= x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected fractions in [0, 1), e.g. 0.03")
     return out
 
 
@@ -702,7 +1198,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "use --llmperf-rounds=10xN and are split into N consecutive measurements",
     )
     p.add_argument(
+        "--histories",
+        type=_ints,
+        default=[5, 8],
+        metavar="K,K",
+        help="multi-process table: stored runs per trial (default 5,8)",
+    )
+    p.add_argument(
+        "--processes",
+        type=_ints,
+        default=[1, 4, 8, 16],
+        metavar="N,N",
+        help="multi-process table: current processes per trial (default 1,4,8,16; a K, N "
+        "that needs more runs than the pool has is skipped)",
+    )
+    p.add_argument(
+        "--process-tolerance",
+        type=_fractions,
+        default=[0.03, 0.05],
+        metavar="T,T",
+        help="tolerances (minimum change) of the multi-process rule (default 0.03,0.05)",
+    )
+    p.add_argument(
+        "--one-process-tolerance",
+        type=_fractions,
+        default=[0.08, 0.03],
+        metavar="T,T",
+        help="tolerances of the N = 1 rows (default 0.08,0.03: the CPU default and the "
+        "generic one)",
+    )
+    p.add_argument(
+        "--comparisons",
+        type=_positive,
+        default=None,
+        metavar="M",
+        help="gated comparisons of one process of the suite, the Bonferroni divisor "
+        "(default: 2 x the pool's workloads, e2e_latency_s and peak_memory_bytes each)",
+    )
+    p.add_argument(
+        "--mde-check",
+        type=_ints,
+        default=[5, 8],
+        metavar="K,N",
+        help="check verdict.minimum_detectable on the pool at this K, N (default 5,8)",
+    )
+    p.add_argument(
+        "--baselines",
+        default=str(REPO / "baselines"),
+        metavar="DIR",
+        help="stored baselines for the day-drift table (default: the repository's)",
+    )
+    p.add_argument(
         "--select", metavar="EXPR", help="pytest -k expression to measure a subset, e.g. fp32"
+    )
+    p.add_argument(
+        "--also-mann-whitney",
+        action="store_true",
+        help="multi-process table: also the rule with Mann-Whitney on the process medians",
+    )
+    p.add_argument(
+        "--drop-runs",
+        type=_ints,
+        default=[],
+        metavar="I,J",
+        help="leave these pool runs out of the analysis (1-based, as measured; the pool file "
+        "keeps them)",
     )
     p.add_argument(
         "--pytest-arg",
@@ -717,10 +1277,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
+    if len(args.mde_check) != 2:
+        raise SystemExit(f"--mde-check {args.mde_check}: expected K,N")
     pool = build_pool(args)
-    res = analyse(pool, args)
+    if args.drop_runs:
+        pool = drop_runs(pool, args.drop_runs)
+    workloads = workloads_from_pool(pool, args.metric, args.attempts)
+    res = analyse(pool, args, workloads)
+    res["dropped_runs"] = sorted(set(args.drop_runs))
     print()
     print(render(res, command))
+    proc = analyse_processes(pool, args, workloads)
+    proc["day_drift"] = day_drift(workloads, args.metric, Path(args.baselines))
+    res["processes"] = proc
+    print()
+    print(render_processes(proc, res))
     if args.json:
         res["command"] = command
         Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")

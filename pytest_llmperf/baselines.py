@@ -561,7 +561,11 @@ def record_to_run(record: Record, date: str | None = None) -> dict[str, Any]:
         )
     provenance = record.provenance or {}
     try:
-        metrics = {name: value.to_json() for name, value in sorted(record.metrics.items())}
+        # A run is one process: never a combination's per-process medians.
+        metrics = {
+            name: {k: v for k, v in value.to_json().items() if k != "processes"}
+            for name, value in sorted(record.metrics.items())
+        }
     except KeyError as exc:
         raise ValueError(f"record {record.key!r}: {exc.args[0]}") from None
     run: dict[str, Any] = {

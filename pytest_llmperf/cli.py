@@ -24,7 +24,15 @@ from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
 from .settings import KEYS_OUT_ENV, RECORD_RUN_ENV
 from .units import format_value
-from .verdict import GateSettings, Verdict, base_values, between_run_spread, compare_metric
+from .verdict import (
+    GateSettings,
+    Verdict,
+    base_values,
+    between_run_spread,
+    compare_metric,
+    log_spread,
+    minimum_detectable,
+)
 
 
 class CliError(Exception):
@@ -184,14 +192,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not files:
         print(f"no baseline files under {root}")
         return 0
+    level = GateSettings(
+        alpha=args.alpha, family_alpha=args.family_alpha, comparisons=args.comparisons
+    ).process_alpha
     for (device, suite), bf in sorted(files.items()):
         print(f"\n{device} / {suite}.json  ({len(bf.entries)} entries)")
-        rows = [["entry", "runs", "outcome", "metric", "median", "between-run CV", "newest"]]
+        tolerance, tol_source = _show_tolerance(args.tolerance, bf.device)
+        print(
+            f"MDE N=n: the smallest slowdown the gate catches 90% of the time with n current "
+            f"processes (--llmperf-processes) against these runs, {_level_text(args, level)}, "
+            f"tolerance {tolerance:.1%} ({tol_source}); from the between-run CV for N=1, from "
+            "the log sd of the run medians (what Welch's t sees) above"
+        )
+        rows = [
+            ["entry", "runs", "outcome", "metric", "median", "between-run CV", "log sd"]
+            + [f"MDE N={n}" for n in _MDE_PROCESSES]
+            + ["newest"]
+        ]
         for key, runs in sorted(bf.entries.items()):
             newest = runs[-1] if runs else {}
             name = _main_metric(newest)
             meds = [m for m, _ in base_values(name, runs)] if name else []
             cv = between_run_spread(meds)  # the very spread the gate uses
+            sd = log_spread(meds)  # what the multi-process rule's Welch t sees
+            mde = [
+                minimum_detectable(cv if n == 1 else sd, len(meds), n, level, tolerance)
+                for n in _MDE_PROCESSES
+            ]
             rows.append(
                 [
                     key,
@@ -202,11 +229,47 @@ def cmd_show(args: argparse.Namespace) -> int:
                     if meds and name
                     else "-",
                     f"{cv:.2%}" if cv is not None else "(1 run)",
-                    str(newest.get("date", "-")),
+                    f"{sd:.2%}" if sd is not None else "-",
                 ]
+                + [_mde_cell(m) for m in mde]
+                + [str(newest.get("date", "-"))]
             )
         print_table(rows)
     return 0
+
+
+#: The process counts ``baselines show`` gives the minimum detectable regression for.
+_MDE_PROCESSES = (1, 4, 8, 16)
+
+
+def _mde_cell(mde: Optional[float]) -> str:
+    """ "+6.1%"; "-" without a spread (fewer than 2 runs); beyond a doubling the exact figure
+    only says "this gate cannot see it" (Welch's t with 2 stored runs reaches +100000 %)."""
+    if mde is None:
+        return "-"
+    return ">+100%" if mde > 1 else f"+{mde:.1%}"
+
+
+def _show_tolerance(given: Optional[float], device: dict[str, Any]) -> tuple[float, str]:
+    """The tolerance the gate applies to this device's entries, and where it comes from."""
+    if given is not None:
+        return given, "--tolerance"
+    from . import backends
+
+    name = str(device.get("backend", ""))
+    try:
+        return backends.get_backend(name).default_tolerance, f"the {name} backend's default"
+    except KeyError:
+        return GateSettings().tolerance, f"default; backend {name or '?'} is not installed"
+
+
+def _level_text(args: argparse.Namespace, level: float) -> str:
+    if level < args.alpha:
+        return (
+            f"alpha {level:.2g} per comparison (family alpha {args.family_alpha:g} / "
+            f"{args.comparisons} gated comparisons)"
+        )
+    return f"alpha {level:g} per comparison"
 
 
 # -- baselines diff ------------------------------------------------------------------------------
@@ -719,6 +782,15 @@ def _alpha(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tolerance(text: str) -> float:
+    from .settings import SettingError, parse_fraction
+
+    try:
+        return parse_fraction(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -772,6 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="show or prune the checkpoint cache")
     _add_cache_commands(cache.add_subparsers(dest="action", required=True))
+
     return p
 
 
@@ -788,8 +861,37 @@ def _add_baselines_commands(bsub: Any) -> None:
     rec.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
     rec.set_defaults(func=cmd_record)
 
-    show = bsub.add_parser("show", help="entries, runs and between-run spread per device")
+    show = bsub.add_parser(
+        "show",
+        help="entries, runs, between-run spread and the minimum detectable regression per device",
+    )
     show.add_argument("dir", nargs="?", default=None, help=_DIR_HELP)
+    show.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=0.01,
+        help="significance level per comparison, as --llmperf-alpha (default 0.01)",
+    )
+    show.add_argument(
+        "--family-alpha",
+        type=_alpha,
+        default=0.05,
+        help="run-wide false-alarm budget, as --llmperf-family-alpha (default 0.05)",
+    )
+    show.add_argument(
+        "--comparisons",
+        type=_positive,
+        default=1,
+        metavar="M",
+        help="gated comparisons in one run (workloads x gated metrics): each is tested at "
+        "min(alpha, family-alpha / M), as the gate does (default 1)",
+    )
+    show.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=None,
+        help="minimum change, as --llmperf-tolerance (default: the backend's, cpu 0.08)",
+    )
     show.set_defaults(func=cmd_show)
 
     diff = bsub.add_parser("diff", help="compare two baseline directories or git:REV")

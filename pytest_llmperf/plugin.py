@@ -115,6 +115,14 @@ def _resolve_config(config: pytest.Config) -> _Config:
         ini=config.getini,
         inifile=str(config.inipath) if config.inipath else None,
     )
+    if os.environ.get(S.PROCESS_ENV):
+        _as_child(settings)
+    elif settings.processes > 1 and _workers(config) > 0:
+        raise S.SettingError(
+            f"{settings.sources['processes']}: the N processes run one at a time so that they "
+            "never compete; pytest-xdist's -n runs tests side by side on the same device: drop "
+            "-n (or set --llmperf-processes=1)"
+        )
     cwd = Path(config.invocation_params.dir)
     inidir = Path(config.inipath).parent if config.inipath else None
     updating = bool(settings.update_baselines or settings.reset_baselines)
@@ -168,6 +176,22 @@ def _resolve_config(config: pytest.Config) -> _Config:
         prompts=_read_prompts(prompts_path, settings.sources["prompts"]),
         prompts_path=prompts_path,
     )
+
+
+def _as_child(settings: S.Settings) -> None:
+    """A child of --llmperf-processes measures and reports to its parent, nothing else: it
+    gates nothing, stores nothing and spawns nothing, whatever its command line and ini say."""
+    source = f"env {S.PROCESS_ENV}={os.environ[S.PROCESS_ENV]}"
+    for name, value in (
+        ("processes", 1),
+        ("no_gate", True),
+        ("update_baselines", False),
+        ("reset_baselines", False),
+        ("strict", False),
+        ("report", os.environ.get(S.PROCESS_REPORT_ENV) or None),
+    ):
+        setattr(settings, name, value)
+        settings.sources[name] = source
 
 
 def _read_prompts(path: Optional[Path], source: str) -> Optional[tuple[str, ...]]:
@@ -466,6 +490,7 @@ def _mark_and_key(config: pytest.Config, items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    _run_other_processes(session)
     # `llmperf baselines prune` collects in a subprocess and reads the keys back from here.
     out = os.environ.get(S.KEYS_OUT_ENV)
     if not out or hasattr(session.config, "workerinput"):
@@ -485,6 +510,75 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "devices": devices,
     }
     Path(out).write_text(json.dumps(data))
+
+
+def _run_other_processes(session: pytest.Session) -> None:
+    """--llmperf-processes=N: the N-1 child pytest runs, before this process runs its tests.
+
+    Only where there is something to measure: not in a child, an xdist worker, --collect-only,
+    after collection errors, or when no selected test uses llmperf. A child that crashes or
+    hangs stops the run here, with its exit and output (pytest.exit: the session ends cleanly).
+    """
+    config = session.config
+    conf = config.stash[CONFIG]
+    total = conf.settings.processes
+    if (
+        total < 2
+        or os.environ.get(S.PROCESS_ENV)
+        or hasattr(config, "workerinput")
+        or config.option.collectonly
+        or session.testsfailed
+        or not any(_uses_llmperf(item) for item in session.items)
+        or os.environ.get(S.KEYS_OUT_ENV)
+    ):
+        return
+    from . import processes
+
+    state = _state(config)
+    pool = processes.ProcessPool(total=total)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(text: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"llmperf: {text}")
+
+    command = processes.child_command(
+        config.invocation_params.args, xdist=config.pluginmanager.hasplugin("xdist")
+    )
+    tests = sum(1 for item in session.items if _uses_llmperf(item))
+    say(
+        f"measuring in {total} processes: {total - 1} child pytest run(s) of the {tests} "
+        "selected llmperf tests, one at a time, then this one"
+    )
+    limit = conf.settings.process_timeout or conf.settings.timeout
+    for index in range(1, total):
+        say(f"process {index} of {total} running (a child pytest, limit {limit:.0f} s)")
+        run = processes.run_child(
+            command,
+            index=index,
+            total=total,
+            cwd=Path(config.invocation_params.dir),
+            env=os.environ,
+            timeout=limit,
+        )
+        if run.failed:
+            # Indented: the child's own "INTERNALERROR>" lines are not this process's.
+            tail = "\n".join(f"    {line}" for line in run.output_tail.rstrip().splitlines()[-25:])
+            pytest.exit(
+                f"llmperf: process {index} of {total} {run.problem}; nothing was judged. "
+                f"Its command: {' '.join(command)}\n--- its output (tail) ---\n{tail}",
+                returncode=pytest.ExitCode.TESTS_FAILED,
+            )
+        ok, count = sum(1 for r in run.records if r.ok), len(run.records)
+        say(
+            f"process {index} of {total} done in {run.wall_s:.0f} s: {count} "
+            f"workload{'s' if count != 1 else ''} ({ok} ok)"
+        )
+        pool.add(run)
+        if conf.settings.process_timeout is None:
+            limit = 3 * pool.children[0].wall_s + 120
+    say(f"process {total} of {total} (this one) runs the tests now")
+    state.process_pool = pool
 
 
 def pytest_report_collectionfinish(

@@ -16,6 +16,9 @@ class MetricValue:
     name: str
     value: float | None
     samples: list[float] = field(default_factory=list)
+    #: With --llmperf-processes=N: each process's median (the parent's last); ``value`` is
+    #: their median and ``samples`` all processes' rounds. Empty for one process.
+    processes: list[float] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
@@ -30,12 +33,15 @@ class MetricValue:
         return cls(name, statistics.median(samples) if samples else None, list(samples))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "unit": self.unit,
             "direction": self.direction,
             "median": self.value,
             "samples": list(self.samples),
         }
+        if self.processes:
+            out["processes"] = list(self.processes)
+        return out
 
 
 @dataclass
@@ -59,6 +65,8 @@ class Record:
       re-measured to confirm it (the first is the original).
     * ``change`` — ``"regressed"`` or ``"improved"`` when the gate found a change against the
       stored history that survived the confirmation: storing this run starts a new history.
+    * ``processes`` — how many processes' records this one combines (--llmperf-processes);
+      ``gated`` — the metrics the gate judged (the family-wise correction counts them).
     """
 
     key: str
@@ -83,6 +91,8 @@ class Record:
     #: ({"prompt", "continuation"}), for people to read: in results.json and summary.md,
     #: never in a baseline (text is no measurement; output_digest is what is compared).
     generated_text: list[dict[str, str]] = field(default_factory=list)
+    processes: int = 1
+    gated: list[str] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
         # result.e2e_latency_s reads like the README's metric table.
@@ -141,6 +151,8 @@ class Record:
             "measurements": list(self.measurements),
             "change": self.change,
             "generated_text": [dict(item) for item in self.generated_text],
+            "processes": self.processes,
+            "gated": list(self.gated),
         }
 
     @classmethod
@@ -157,7 +169,12 @@ class Record:
             output_digest=data.get("output_digest"),
             output_head=data.get("output_head"),
             metrics={
-                n: MetricValue(n, m.get("median"), list(m.get("samples", [])))
+                n: MetricValue(
+                    n,
+                    m.get("median"),
+                    list(m.get("samples", [])),
+                    list(m.get("processes") or []),
+                )
                 for n, m in data.get("metrics", {}).items()
             },
             provenance=data.get("provenance", {}),
@@ -168,4 +185,6 @@ class Record:
             measurements=list(data.get("measurements") or []),
             change=data.get("change"),
             generated_text=[dict(item) for item in data.get("generated_text") or []],
+            processes=int(data.get("processes") or 1),
+            gated=[str(name) for name in data.get("gated") or []],
         )

@@ -297,6 +297,29 @@ OPTIONS: tuple[Option, ...] = (
         {"*": 0.03},
     ),
     Option("alpha", "significance level of the statistical test (default 0.01)", parse_alpha, 0.01),
+    Option(
+        "family_alpha",
+        "with --llmperf-processes above 1: the chance that a run of unchanged code shows any "
+        "red; each of the run's gated comparisons is tested at min(alpha, family_alpha / "
+        "comparisons) (Bonferroni; default 0.05)",
+        parse_alpha,
+        0.05,
+    ),
+    Option(
+        "processes",
+        "measure the selected tests in N fresh processes (N-1 child pytest runs, one at a time, "
+        "then this one) and judge each workload on the N process medians (default 1)",
+        _int(1),
+        1,
+    ),
+    Option(
+        "process_timeout",
+        "seconds one child process of --llmperf-processes may take before it is killed and "
+        "the run fails (default: 3 x the first child's time + 120 s for the later ones; the "
+        "first gets --llmperf-timeout)",
+        _seconds,
+        None,
+    ),
     Option("baseline_runs", "runs of history kept per baseline entry (default 5)", _int(1), 5),
     Option("no_gate", "measure and report, never fail on a verdict", parse_bool, False, flag=True),
     Option("strict", "a missing baseline fails instead of passing", parse_bool, False, flag=True),
@@ -393,6 +416,9 @@ class Settings:
     label: Optional[str] = None
     tolerance: dict[str, float] = field(default_factory=lambda: {"*": 0.03})
     alpha: float = 0.01
+    family_alpha: float = 0.05
+    processes: int = 1
+    process_timeout: Optional[float] = None
     baseline_runs: int = 5
     no_gate: bool = False
     strict: bool = False

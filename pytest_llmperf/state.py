@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
 from .launchers import Launchers, LaunchSettings, default_cache_dir
+from .processes import ProcessPool
 from .results import Record
 from .series import OomSeries
 from .settings import RECORD_RUN_ENV, DeviceAliases, MarkerOptions, Settings
@@ -58,6 +59,8 @@ class RunState:
     _report_failed: bool = False
     #: What the run judged, computed once when it finished.
     final_coverage: Optional[report.Coverage] = None
+    #: --llmperf-processes above 1: the child processes' records (set before the tests run).
+    process_pool: Optional[ProcessPool] = None
 
     @classmethod
     def create(
@@ -118,7 +121,9 @@ class RunState:
     def policy(self) -> gate.GatePolicy:
         return gate.GatePolicy(
             gating=self.gating,
-            confirm=self.settings.confirm,
+            # Re-measuring in this process cannot average away what differs between processes:
+            # with N processes the N medians are the confirmation.
+            confirm=0 if self.process_pool is not None else self.settings.confirm,
             strict=self.settings.strict,
             updating=self.updating,
         )
@@ -132,12 +137,18 @@ class RunState:
             )
         else:
             tol = f"{self.settings.tolerance.get('*', 0.03):.1%}"
-        return (
+        text = (
             f"baselines {self.baselines_root}"
             + (f" (label {self.settings.label})" if self.settings.label else "")
             + f"; {mode}; tolerance {tol}, alpha {self.settings.alpha}; "
             f"{self.settings.rounds} rounds after {self.settings.warmup} warm-up"
         )
+        if self.settings.processes > 1:
+            text += (
+                f"; {self.settings.processes} processes (judged on their medians, "
+                f"run-wide alpha {self.settings.family_alpha:g})"
+            )
+        return text
 
     def header_lines(self) -> list[str]:
         lines = [f"llmperf: backends {', '.join(self.selected_backends)}; {self.describe()}"]
@@ -224,6 +235,9 @@ class RunState:
             },
             "check_outputs": bool(self.settings.check_outputs),
         }
+        if self.process_pool is not None:
+            kwargs["family_alpha"] = self.settings.family_alpha
+            kwargs["comparisons"] = self.process_pool.gated_comparisons()
         if marker.gate is not None:
             kwargs["gate"] = marker.gate
         elif override and "gate" in override:  # the workload's kind's own (llmperf.load)
@@ -268,6 +282,9 @@ class RunState:
             settings = self.gate_settings(
                 marker, overrides.get(record.key), measured, record.backend
             )
+            record.gated = [name for name in settings.gate if name in measured]
+            if self.process_pool is not None:
+                record = self.process_pool.combine(record)
             decision = gate.decide(
                 record, runs, settings, self.policy, (remeasure or {}).get(record.key)
             )
@@ -378,12 +395,20 @@ class RunState:
             # the hardware; only passing tests' ok/oom results become history.
             if row["test_outcome"] == "passed":
                 records.append(Record.from_json(row["record"]))
+        if self.process_pool is not None:
+            # N processes are N runs of history, as `llmperf baselines record --runs N` stores.
+            records = self.process_pool.stored_records(records)
         changes, errors = baselines.store_records(
             self.baselines_root,
             records,
             devices=self._devices,
             label=self.settings.label,
-            keep_runs=self.settings.baseline_runs,
+            # N processes stored as N runs are all kept: dropping some would judge the next
+            # run against fewer of them than were measured.
+            keep_runs=max(
+                self.settings.baseline_runs,
+                self.process_pool.total if self.process_pool is not None else 1,
+            ),
             reset=bool(self.settings.reset_baselines),
             append_only=_record_run() > 1,
         )

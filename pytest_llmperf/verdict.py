@@ -99,6 +99,7 @@ outcome and limit verdicts are gated by construction, the output verdict is gate
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -120,6 +121,9 @@ __all__ = [
     "compare_metric",
     "first_divergence",
     "judge",
+    "log_spread",
+    "minimum_detectable",
+    "two_sample_p",
 ]
 
 
@@ -187,6 +191,10 @@ class GateSettings:
     gate: tuple[str, ...] = DEFAULT_GATED
     limits: Mapping[str, float] = field(default_factory=dict)
     check_outputs: bool = False
+    #: The run-wide false-alarm budget of the multi-process rule, and how many gated
+    #: comparisons share it (Bonferroni: each is tested at ``process_alpha``).
+    family_alpha: float = 0.05
+    comparisons: int = 1
     # Why 16 MiB: see the module docstring (allocator arenas, pages, THP on CPU RSS).
     abs_slack: Mapping[str, float] = field(
         default_factory=lambda: {"peak_memory_bytes": 16 * 2**20}
@@ -202,6 +210,13 @@ class GateSettings:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
             raise ValueError(f"alpha={alpha!r}: expected a number with 0 < alpha < 1")
         _check_fraction("spread_multiple", self.spread_multiple)
+        fam = self.family_alpha
+        if isinstance(fam, bool) or not isinstance(fam, (int, float)) or not 0 < fam < 1:
+            raise ValueError(f"family_alpha={fam!r}: expected a number with 0 < alpha < 1")
+        if isinstance(self.comparisons, bool) or not isinstance(self.comparisons, int):
+            raise ValueError(f"comparisons={self.comparisons!r}: expected a whole number")
+        object.__setattr__(self, "family_alpha", float(fam))
+        object.__setattr__(self, "comparisons", max(1, self.comparisons))
         if isinstance(self.gate, str):
             raise ValueError(f"gate={self.gate!r}: expected a list of metric names")
         gate = tuple(self.gate)
@@ -228,6 +243,12 @@ class GateSettings:
         object.__setattr__(self, "limits", MappingProxyType(limits))
         object.__setattr__(self, "abs_slack", MappingProxyType(slack))
         object.__setattr__(self, "check_outputs", bool(self.check_outputs))
+
+    @property
+    def process_alpha(self) -> float:
+        """The level each comparison of the multi-process rule is tested at: ``alpha``, or less
+        when the run makes so many gated comparisons that ``family_alpha`` would be exceeded."""
+        return min(self.alpha, self.family_alpha / self.comparisons)
 
     def tolerance_for(self, metric: str) -> float:
         """The allowed worsening for ``metric``: its override, else the default tolerance."""
@@ -260,6 +281,7 @@ class MetricVerdict:
     spread: float | None = None  # between-run CV of the baseline runs' medians (>= 2 runs)
     allowed: float | None = None  # the effective allowed fraction (tolerance or k x spread)
     limit: str | None = None  # "max_ms_per_token=50" when an absolute limit was violated
+    processes: int = 1  # current process medians judged (the multi-process rule from 2 on)
     #: The stored runs behind a verdict that moved, summarized for reports and plots
     #: (report.attach_history); None otherwise, and never part of the decision.
     history: list[dict[str, Any]] | None = None
@@ -366,6 +388,17 @@ def between_run_spread(medians: Sequence[float]) -> float | None:
     return 1.4826 * mad / abs(center)
 
 
+def log_spread(medians: Sequence[float]) -> float | None:
+    """Sample sd of the logs of run medians: the scatter the multi-process rule's Welch t test
+    sees. Not robust, on purpose: one stored run ten times slower widens what the test needs
+    by as much, and :func:`minimum_detectable` must say so. None for < 2 values or a value
+    that is not positive."""
+    values = [float(v) for v in medians]
+    if len(values) < 2 or min(values) <= 0:
+        return None
+    return statistics.stdev(math.log(v) for v in values)
+
+
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     """Index of the first position where ``a`` and ``b`` differ; when one is a prefix of the
     other, the length of the shorter one; None when they are equal."""
@@ -389,6 +422,118 @@ def _prediction_p(current: float, medians: Sequence[float], worse_is_greater: bo
 
     t = (current - statistics.fmean(medians)) / (sd * math.sqrt(1 + 1 / n))
     return float(stats.t.sf(t, n - 1) if worse_is_greater else stats.t.cdf(t, n - 1))
+
+
+def two_sample_p(current: Sequence[float], base: Sequence[float], greater: bool) -> float:
+    """One-sided p that ``current`` lies above (``greater``) or below ``base``: Welch's t test
+    on the logarithms (ratios, not differences, are what is comparable across workloads; Welch
+    because the stored runs may come from a quieter or noisier day than this run). Values that
+    are not all positive are tested as they are. Two constant samples: 0 when they differ in the
+    asked direction, else 1 (a deterministic change, e.g. of memory, needs no test)."""
+    cur, bas = [float(v) for v in current], [float(v) for v in base]
+    if min(cur + bas) > 0:
+        cur, bas = [math.log(v) for v in cur], [math.log(v) for v in bas]
+    if statistics.pstdev(cur) == 0 and statistics.pstdev(bas) == 0:
+        diff = statistics.fmean(cur) - statistics.fmean(bas)
+        return 0.0 if (diff > 0 if greater else diff < 0) else 1.0
+    from scipy import stats
+
+    res = stats.ttest_ind(cur, bas, equal_var=False, alternative="greater" if greater else "less")
+    return float(res.pvalue)
+
+
+#: Simulated trials behind :func:`minimum_detectable` (its 90 % quantile is then known to about
+#: ±1 % of its value) and their fixed seed: the same inputs always give the same answer.
+_MDE_TRIALS = 20_000
+_MDE_SEED = 11
+
+
+@functools.lru_cache(maxsize=64)
+def _detection_terms(runs_k: int, processes_n: int, alpha: float) -> tuple[Any, Any]:
+    """Per simulated trial, in units of sigma: ``(a, b)`` such that the trial is red iff the
+    log slowdown ``d`` satisfies ``d > sigma * a`` (the test) and ``d > log1p(allowed) - sigma
+    * b`` (the minimum change). Standard normal draws, so one table serves every sigma."""
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(_MDE_SEED)
+    base = rng.standard_normal((_MDE_TRIALS, runs_k))
+    cur = rng.standard_normal((_MDE_TRIALS, processes_n))
+    b = np.median(cur, axis=1) - np.median(base, axis=1)
+    if processes_n == 1:
+        return None, b  # the one-process rule has no test, only the allowance
+    vc = cur.var(axis=1, ddof=1) / processes_n
+    vb = base.var(axis=1, ddof=1) / runs_k
+    se = np.sqrt(vc + vb)
+    df = (vc + vb) ** 2 / (vc**2 / (processes_n - 1) + vb**2 / (runs_k - 1))
+    a = stats.t.ppf(1 - alpha, df) * se - (cur.mean(axis=1) - base.mean(axis=1))
+    return a, b
+
+
+def minimum_detectable(
+    spread: float | None,
+    runs_k: int,
+    processes_n: int,
+    alpha: float,
+    tolerance: float,
+    power: float = 0.9,
+    spread_multiple: float = 2.0,
+) -> float | None:
+    """The smallest slowdown (0.061 = +6.1 %) the gate turns red with probability ``power``,
+    for ``runs_k`` stored runs and ``processes_n`` current processes whose medians scatter by
+    ``spread``: the sd of their logs. For N >= 2 pass :func:`log_spread` of the stored run
+    medians, the scatter Welch's t will see; for N = 1 :func:`between_run_spread`, the robust CV
+    the one-process rule's allowance is made of (the two agree for normal scatter of a few
+    percent; one outlying run makes the log sd, and so what the test needs, much larger). None
+    without a spread or with fewer than 2 stored runs (the one-run rule tests the rounds of one
+    process, which says nothing about processes).
+
+    ``alpha`` is the level each comparison is tested at (``GateSettings.process_alpha``: the
+    family-wise budget shared by the run's gated comparisons); ``tolerance`` the minimum change.
+
+    The model: log process medians are normal with sd ``spread``, stored and current alike, and
+    a regression shifts the current ones. The rules are those of :func:`compare_metric`:
+
+    * N >= 2: red iff Welch's one-sided t test on the logs gives p < alpha AND the median of
+      the N process medians is worse than the median of the K run medians by more than the
+      tolerance.
+    * N = 1: red iff the current median is worse than the center by more than
+      ``max(tolerance, spread_multiple x spread)``, with ``spread`` taken as the stored runs'
+      (the one the gate will use).
+
+    Why simulated, not the textbook formula: ``(t_{1-alpha,df} + t_{power,df}) x sigma x
+    sqrt(1/K + 1/N)`` (df = K + N - 2), floored at the tolerance, reaches only about 80 %
+    power (the K stored runs estimate their variance poorly, Welch's df is lower) and 50 % where
+    the tolerance floor binds (the median must clear it, and it only does half the time at
+    exactly the tolerance). So the rule is applied to ``_MDE_TRIALS`` standard normal trials
+    (fixed seed: deterministic); each trial is red from a slowdown on that is linear in sigma,
+    and the answer is the ``power`` quantile of those thresholds. For N = 1 it is close to
+    ``allowed + z_power x sigma x sqrt(1 + pi/2 / K)``. Not modelled: the confirmation
+    re-measurements (N = 1; they can only withdraw a red), the absolute slack, the
+    busy-machine policy, and tails heavier than normal (one slow process):
+    ``benchmarks/gate_quality.py`` checks the answer on measured runs.
+    """
+    if spread is None or runs_k < 2:
+        return None
+    if isinstance(spread, bool) or not math.isfinite(spread) or spread < 0:
+        raise ValueError(f"spread={spread!r}: expected a finite number >= 0")
+    if isinstance(processes_n, bool) or not isinstance(processes_n, int) or processes_n < 1:
+        raise ValueError(f"processes_n={processes_n!r}: expected a whole number >= 1")
+    if not isinstance(runs_k, int) or isinstance(runs_k, bool):
+        raise ValueError(f"runs_k={runs_k!r}: expected a whole number >= 2")
+    for label, value in (("alpha", alpha), ("power", power)):
+        if not 0 < value < 1:
+            raise ValueError(f"{label}={value!r}: expected a number with 0 < {label} < 1")
+    _check_fraction("tolerance", tolerance)
+    _check_fraction("spread_multiple", spread_multiple)
+    import numpy as np
+
+    a, b = _detection_terms(runs_k, processes_n, float(alpha))
+    if processes_n == 1:
+        needed = math.log1p(max(tolerance, spread_multiple * spread)) - spread * b
+    else:
+        needed = np.maximum(spread * a, math.log1p(tolerance) - spread * b)
+    return math.expm1(float(np.quantile(needed, power)))
 
 
 def _mwu_p(current: Sequence[float], base: Sequence[float], greater: bool) -> float:
@@ -509,6 +654,8 @@ class _Comparison:
     def compare(self, cur: float) -> MetricVerdict:
         lower = metric(self.name).lower_is_better
         medians = [m for m, _ in self.base]
+        if len(self.current.processes) >= 2 and len(medians) >= 2:
+            return self.compare_processes(cur, medians, lower)
         center = statistics.median(medians)
         spread = between_run_spread(medians) if len(medians) >= 2 else None
         allowed = (
@@ -539,6 +686,66 @@ class _Comparison:
             p_value=p,
             spread=spread,
             allowed=allowed,
+        )
+
+    def compare_processes(self, cur: float, medians: list[float], lower: bool) -> MetricVerdict:
+        """The multi-process rule: N current process medians against K stored run medians.
+
+        Regressed when a one-sided Welch t test on the logarithms says the current processes
+        are worse (p < ``process_alpha``) AND the median of the process medians is worse than
+        the center by more than the tolerance (and the absolute slack): the test controls the
+        false alarms, the tolerance is the smallest change worth a red.
+        """
+        procs = list(self.current.processes)
+        center = statistics.median(medians)
+        spread = between_run_spread(medians)
+        margin = max(self.tol * abs(center), self.slack)
+        worse = ((cur - center) if lower else (center - cur)) > 0
+        beyond = abs(cur - center) > margin
+        p = two_sample_p(procs, medians, greater=worse == lower)
+        level = self.settings.process_alpha
+        significant = p < level
+        v = (
+            (Verdict.REGRESSED if worse else Verdict.IMPROVED)
+            if beyond and significant
+            else Verdict.PASS
+        )
+        notes = []
+        if beyond and not significant:
+            notes.append(f"not significant at {_p(level)}")
+        if self.slack and self.tol * abs(center) < abs(cur - center) <= self.slack:
+            notes.append(f"within the {format_value(self.slack, self.unit)} absolute slack")
+        if center != 0:
+            ratio = cur / center
+            change = f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
+        else:
+            change = f"{'+' if cur >= center else '-'}{format_value(abs(cur - center), self.unit)}"
+        family = (
+            f"alpha {self.settings.family_alpha:g} over {self.settings.comparisons} gated "
+            "comparisons"
+            if self.settings.process_alpha < self.settings.alpha
+            else f"alpha {self.settings.alpha:g}"
+        )
+        detail = (
+            f"{self.name} {format_value(center, self.unit)} → {format_value(cur, self.unit)} "
+            f"({change}; median of {len(procs)} processes vs {len(medians)} baseline runs), "
+            f"Welch t on log process medians p={_p(p)} (needs < {_p(level)}: {family}), "
+            f"minimum change {'+' if lower else '-'}{_pct(self.tol)}"
+        )
+        if self.slack:
+            detail += f"; changes up to {format_value(self.slack, self.unit)} ignored"
+        if notes:
+            detail += "; " + "; ".join(notes)
+        return self.verdict(
+            v,
+            detail,
+            baseline=center,
+            ratio=cur / center if center != 0 else None,
+            threshold=center + margin if lower else center - margin,
+            p_value=p,
+            spread=spread,
+            allowed=self.tol,
+            processes=len(procs),
         )
 
     def significance(

@@ -135,7 +135,7 @@ def test_show_lists_entries_with_runs_median_and_between_run_spread(tmp_path, ca
     assert row[1:4] == ["2", "ok", "e2e_latency_s"]
     assert " ".join(row[4:6]) == format_value(1.01, "s")
     assert row[6] == f"{cv:.2%}"
-    assert row[7] == DATE
+    assert row[-1] == DATE  # after the MDE columns (tests/test_mde_show.py)
     other = next(line for line in out.splitlines() if line.startswith("test_other"))
     assert "(1 run)" in other
 

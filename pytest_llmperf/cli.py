@@ -1,5 +1,5 @@
 """The ``llmperf`` command: record, show, diff and prune baselines; merge reports; list models;
-show and prune the checkpoint cache."""
+show and prune the checkpoint cache; A/B two environments on this node."""
 
 from __future__ import annotations
 
@@ -554,6 +554,199 @@ def _label(text: str) -> str:
         raise CliError(f"label {text!r}: {exc}") from None
 
 
+# -- ab ------------------------------------------------------------------------------------------
+
+
+def cmd_ab(args: argparse.Namespace) -> int:
+    """Two environments on this node in alternating fresh processes, judged per workload
+    (ab.py); exit 1 when B is slower somewhere, so CI can block an upgrade on it."""
+    from . import ab
+
+    pytest_args = list(args.pytest_args)
+    if pytest_args[:1] == ["--"]:
+        pytest_args = pytest_args[1:]
+    markdown = Path(args.markdown) if args.markdown else None
+    if markdown is not None and (markdown.is_dir() or not markdown.parent.is_dir()):
+        raise CliError(f"--markdown {args.markdown}: not a file in an existing directory")
+    label = _label(args.label) if args.label is not None else None
+    cwd = Path.cwd()
+    # Each child would otherwise append its own summary to the CI step's.
+    base_env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
+    try:
+        sides = {
+            name: ab.check_side(ab.resolve_side(name, given, dict(env)), base_env, cwd)
+            for name, given, env in (("A", args.a, args.a_env), ("B", args.b, args.b_env))
+        }
+    except ab.SideError as exc:
+        raise CliError(str(exc)) from None
+    total = 2 * args.pairs
+    print(f"llmperf ab: {total} processes, one at a time, in ABBA order", flush=True)
+    start = time.monotonic()
+    try:
+        runs = ab.run_sides(
+            sides,
+            pytest_args,
+            pairs=args.pairs,
+            cwd=cwd,
+            base_env=base_env,
+            timeout=args.timeout,
+            say=lambda line: print(line, flush=True),
+        )
+    except ab.ProcessFailed as exc:
+        print(f"llmperf ab: {exc}; nothing compared or stored", file=sys.stderr)
+        print(exc.run.output_tail.rstrip(), file=sys.stderr)
+        return 1
+    comparison = ab.compare(runs["A"], runs["B"], tolerance=args.tolerance)
+    if not comparison.rows:
+        raise CliError(
+            f"no workload was measured by either side's {total} processes (were the tests "
+            f"skipped or deselected? pytest args: {' '.join(pytest_args) or 'none'})"
+        )
+    print(f"llmperf ab: {total} processes in {time.monotonic() - start:.0f} s\n")
+    print(ab.render_text(comparison, sides), end="")
+    text = ab.render_markdown(comparison, sides)
+    if markdown is not None:
+        try:
+            markdown.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"--markdown {args.markdown}: not written ({exc.strerror})") from None
+    step = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step and (markdown is None or Path(step).resolve() != markdown.resolve()):
+        try:
+            with open(step, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"llmperf: GITHUB_STEP_SUMMARY={step}: not written ({exc.strerror})")
+    code = 1 if comparison.slower else 0
+    if args.update_baselines_from:
+        side = args.update_baselines_from.upper()
+        root = Path(args.baselines) if args.baselines else project_baselines()
+        records = [r for process in runs[side] for r in process]
+        keep = args.baseline_runs or args.pairs
+        changes, errors = baselines.store_records(
+            root,
+            records,
+            devices=_stored_devices(root, records, label),
+            label=label,
+            keep_runs=keep,
+        )
+        print(
+            f"\n{side}'s {args.pairs} runs into {root.resolve()}"
+            + (f" (label {label})" if label else "")
+            + f", {keep} runs kept per entry:"
+        )
+        for line in ab.change_lines(changes):
+            print(f"  {line}")
+        for error in errors:
+            print(f"llmperf: error: {error}", file=sys.stderr)
+        code = code or (1 if errors else 0)
+    return code
+
+
+def _stored_devices(
+    root: Path, records: Sequence[Record], label: Optional[str]
+) -> dict[str, dict[str, Any]]:
+    """The device of each file already there: records alone know only a device's key and
+    backend, and a file's fuller description (name, count, threads) should survive the update."""
+    out: dict[str, dict[str, Any]] = {}
+    for device_key, suite in {(r.device_key, r.suite) for r in records}:
+        try:
+            current = baselines.load(baselines.baseline_path(root, device_key, suite, label))
+        except (baselines.BaselineError, ValueError):
+            continue  # store_records names the corrupt file
+        if current is not None and current.device.get("key") == device_key:
+            out[device_key] = dict(current.device)
+    return out
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    from .ab import parse_env_pair
+
+    try:
+        return parse_env_pair(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _min_effect(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in [0, 1), e.g. 0.02")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
+def _add_ab_command(sub: Any) -> None:
+    abp = sub.add_parser(
+        "ab",
+        help="A/B two environments on this node: fresh pytest processes in ABBA order, "
+        "a paired ratio B/A with its interval per workload",
+        description="Run the same tests under two pythons (A the old stack, B the new one) in "
+        "alternating fresh processes and judge each workload on its paired process medians. "
+        "Exit 1 when a workload is slower under B (or fails there), 0 otherwise.",
+    )
+    side_help = "a python executable, a venv directory (its bin/python) or a wrapper script"
+    abp.add_argument("--a", required=True, metavar="PYTHON_OR_VENV", help=f"side A: {side_help}")
+    abp.add_argument("--b", required=True, metavar="PYTHON_OR_VENV", help=f"side B: {side_help}")
+    abp.add_argument(
+        "--pairs", type=_positive, default=8, help="process pairs: 2N processes (default 8)"
+    )
+    for side in ("a", "b"):
+        abp.add_argument(
+            f"--{side}-env",
+            type=_env_pair,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"an environment variable for side {side.upper()}'s processes (repeatable)",
+        )
+    abp.add_argument(
+        "--tolerance",
+        type=_min_effect,
+        default=0.02,
+        help="minimum effect: a ratio within this fraction of 1 is no difference (default 0.02)",
+    )
+    abp.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    abp.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="seconds one process may run before it is killed (default: no limit)",
+    )
+    abp.add_argument(
+        "--update-baselines-from",
+        choices=("a", "b"),
+        type=str.lower,
+        default=None,
+        help="store that side's N process runs as the baselines",
+    )
+    abp.add_argument("--baselines", default=None, metavar="DIR", help=_DIR_HELP)
+    abp.add_argument("--label", default=None, help="store under this label")
+    abp.add_argument(
+        "--baseline-runs",
+        type=_positive,
+        default=None,
+        help="runs of history kept per entry when storing (default: --pairs, all of them)",
+    )
+    abp.add_argument(
+        "pytest_args", nargs=argparse.REMAINDER, help="after --: the tests and pytest options"
+    )
+    abp.set_defaults(func=cmd_ab)
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -845,6 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="show or prune the checkpoint cache")
     _add_cache_commands(cache.add_subparsers(dest="action", required=True))
 
+    _add_ab_command(sub)
     return p
 
 

@@ -17,12 +17,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from . import __version__, baselines, report
 from .metrics import MAIN_METRICS, METRICS, main_metric
 from .results import MetricValue, Record
-from .settings import KEYS_OUT_ENV, RECORD_RUN_ENV
+from .settings import KEYS_OUT_ENV, RECORD_RUN_ENV, parse_alpha, parse_fraction
 from .units import format_value
 from .verdict import (
     GateSettings,
@@ -33,6 +33,21 @@ from .verdict import (
     log_spread,
     minimum_detectable,
 )
+
+_T = TypeVar("_T")
+
+
+def _argument(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """An argparse type from a parser that raises ValueError (SettingError is one): argparse
+    then prints the parser's own message after the option's name."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 class CliError(Exception):
@@ -659,13 +674,13 @@ def _stored_devices(
     return out
 
 
-def _env_pair(text: str) -> tuple[str, str]:
+def _parse_env_pair(text: str) -> tuple[str, str]:
     from .ab import parse_env_pair
 
-    try:
-        return parse_env_pair(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_env_pair(text)
+
+
+_env_pair = _argument(_parse_env_pair)
 
 
 def _min_effect(text: str) -> float:
@@ -966,22 +981,8 @@ def _add_cache_commands(csub: Any) -> None:
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def _alpha(text: str) -> float:
-    from .settings import SettingError, parse_alpha
-
-    try:
-        return parse_alpha(text)
-    except SettingError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _tolerance(text: str) -> float:
-    from .settings import SettingError, parse_fraction
-
-    try:
-        return parse_fraction(text)
-    except SettingError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_alpha = _argument(parse_alpha)
+_tolerance = _argument(parse_fraction)
 
 
 def _positive(text: str) -> int:

@@ -443,15 +443,13 @@ def two_sample_p(current: Sequence[float], base: Sequence[float], greater: bool)
     cur, bas = [float(v) for v in current], [float(v) for v in base]
     if min(cur + bas) > 0:
         cur, bas = [math.log(v) for v in cur], [math.log(v) for v in bas]
-    if statistics.pstdev(cur) == 0 and statistics.pstdev(bas) == 0:
-        diff = statistics.fmean(cur) - statistics.fmean(bas)
+    (mc, dc, hc), (mb, db, hb) = _yuen(cur), _yuen(bas)
+    se2 = dc + db
+    if se2 == 0:  # constant (or all spread in the trimmed tails): no test to make
+        diff = mc - mb
         return 0.0 if (diff > 0 if greater else diff < 0) else 1.0
     from scipy import stats
 
-    (mc, dc, hc), (mb, db, hb) = _yuen(cur), _yuen(bas)
-    se2 = dc + db
-    if se2 == 0:  # all spread in the trimmed tails: no test to make
-        return 0.0 if (mc > mb) == greater else 1.0
     t = (mc - mb) / math.sqrt(se2)
     df = se2**2 / (dc**2 / (hc - 1) + db**2 / (hb - 1))
     return float(stats.t.sf(t, df) if greater else stats.t.cdf(t, df))
@@ -722,30 +720,19 @@ class _Comparison:
             v = Verdict.REGRESSED if worse else Verdict.IMPROVED
         else:
             v = Verdict.PASS
-        if self.slack and allowed * abs(center) < abs(cur - center) <= self.slack:
-            notes.append(f"within the {format_value(self.slack, self.unit)} absolute slack")
+        notes += self.slack_note(cur, center, allowed)
         detail = self.detail(cur, center, spread, allowed, lower) + p_text
         if notes:
             detail += "; " + "; ".join(notes)
-        return self.verdict(
-            v,
-            detail,
-            baseline=center,
-            ratio=cur / center if center != 0 else None,
-            threshold=center + margin if lower else center - margin,
-            p_value=p,
-            spread=spread,
-            allowed=allowed,
-        )
+        return self.judged(v, detail, cur, center, margin, lower, p, spread, allowed)
 
     def compare_processes(self, cur: float, medians: list[float], lower: bool) -> MetricVerdict:
         """The multi-process rule: N current process medians against K stored run medians.
 
         Regressed when a one-sided trimmed Welch t test (Yuen, ``TRIM``) on the logarithms says
-        the current processes
-        are worse (p < ``process_alpha``) AND the median of the process medians is worse than
-        the center by more than the tolerance (and the absolute slack): the test controls the
-        false alarms, the tolerance is the smallest change worth a red.
+        the current processes are worse (p < ``process_alpha``) AND the median of the process
+        medians is worse than the center by more than the tolerance (and the absolute slack):
+        the test controls the false alarms, the tolerance is the smallest change worth a red.
         """
         procs = list(self.current.processes)
         center = statistics.median(medians)
@@ -764,13 +751,8 @@ class _Comparison:
         notes = []
         if beyond and not significant:
             notes.append(f"not significant at {_p(level)}")
-        if self.slack and self.tol * abs(center) < abs(cur - center) <= self.slack:
-            notes.append(f"within the {format_value(self.slack, self.unit)} absolute slack")
-        if center != 0:
-            ratio = cur / center
-            change = f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
-        else:
-            change = f"{'+' if cur >= center else '-'}{format_value(abs(cur - center), self.unit)}"
+        notes += self.slack_note(cur, center, self.tol)
+        change = self.change(cur, center)
         family = (
             f"alpha {self.settings.family_alpha:g} over {self.settings.comparisons} gated "
             "comparisons"
@@ -787,6 +769,24 @@ class _Comparison:
             detail += f"; changes up to {format_value(self.slack, self.unit)} ignored"
         if notes:
             detail += "; " + "; ".join(notes)
+        return self.judged(
+            v, detail, cur, center, margin, lower, p, spread, self.tol, processes=len(procs)
+        )
+
+    def judged(
+        self,
+        v: Verdict,
+        detail: str,
+        cur: float,
+        center: float,
+        margin: float,
+        lower: bool,
+        p: float | None,
+        spread: float | None,
+        allowed: float,
+        processes: int = 1,
+    ) -> MetricVerdict:
+        """The verdict of a comparison with a center, whichever rule made it."""
         return self.verdict(
             v,
             detail,
@@ -795,9 +795,23 @@ class _Comparison:
             threshold=center + margin if lower else center - margin,
             p_value=p,
             spread=spread,
-            allowed=self.tol,
-            processes=len(procs),
+            allowed=allowed,
+            processes=processes,
         )
+
+    def change(self, cur: float, center: float) -> str:
+        """``×1.102, +10.2%``, or the absolute change when the center is zero."""
+        if center != 0:
+            ratio = cur / center
+            return f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
+        delta = cur - center
+        return f"{'+' if delta >= 0 else '-'}{format_value(abs(delta), self.unit)} from zero"
+
+    def slack_note(self, cur: float, center: float, allowed: float) -> list[str]:
+        """Said when only the absolute slack kept a change beyond the relative allowance."""
+        if self.slack and allowed * abs(center) < abs(cur - center) <= self.slack:
+            return [f"within the {format_value(self.slack, self.unit)} absolute slack"]
+        return []
 
     def significance(
         self, cur: float, medians: list[float], greater: bool, beyond: bool
@@ -828,12 +842,7 @@ class _Comparison:
     ) -> str:
         """The human line: old → new, the change, what was allowed and why."""
         unit, tol, n = self.unit, self.tol, len(self.base)
-        if center != 0:
-            ratio = cur / center
-            change = f"×{ratio:.3f}, {'+' if ratio >= 1 else ''}{_pct(ratio - 1)}"
-        else:
-            delta = cur - center
-            change = f"{'+' if delta >= 0 else '-'}{format_value(abs(delta), unit)} from zero"
+        change = self.change(cur, center)
         if n < 2:
             why = "tolerance; 1 baseline run"
         elif spread is not None and self.settings.spread_multiple * spread > tol:

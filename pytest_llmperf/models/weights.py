@@ -327,12 +327,14 @@ def _load_checkpoint(
 
 def _tensor_parallel_kwargs() -> dict[str, Any]:
     """``distributed_config=DistributedConfig(tp_plan="auto")`` on transformers 5, where the
-    plain ``tp_plan="auto"`` of 4.5x (optimum-habana's pin) is deprecated."""
+    plain ``tp_plan="auto"`` of 4.5x (optimum-habana's pin) is deprecated. 4.55 has a
+    ``DistributedConfig`` too, without ``tp_plan``: it takes the plain keyword."""
     try:
         from transformers.distributed import DistributedConfig
-    except ImportError:
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except (ImportError, TypeError):
         return {"tp_plan": "auto"}
-    return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
 def _build_random(spec: ModelSpec, tdtype: Any, device: str, seed: int) -> Any:

@@ -62,9 +62,26 @@ accelerator once per process, and bitsandbytes may crash the interpreter. An eng
 cannot run here is listed with the skip reason the plugin would give (``execute.resolve``,
 i.e. ``Engine.unsupported``).
 
+An asynchronous device
+----------------------
+On CPU every kernel is done when the call returns, so what a sync per token costs on a GPU
+does not show above. A first section (``--async-only`` runs it alone, ~10 s) builds a
+CUDA-shaped fake: a device thread runs queued "kernels" that take real time (``time.sleep``,
+so the host thread runs on meanwhile), events are stamped by that thread when it reaches them,
+and ``synchronize()`` waits for the queue to drain plus a round trip. A fake generate spends
+host time per step (Python, launches) and enqueues one kernel per token without waiting, as
+transformers' generate does since its per-step stop check stopped syncing. Four ways of timing
+the same generate, interleaved round by round in one run: bare (sync, clock, generate, sync,
+clock), the plugin's ``measure.run_rounds`` with the backend's event timer, the same without
+(sync and clock per token), and host clock reads per token without a sync (which stamp
+kernel launch: tpot comes out as the host's step time, not the device's). The claim checked:
+event stamps keep e2e within 1 % of bare; a sync per token does not (the device idles while
+the host launches each next step).
+
 Usage
 -----
     python benchmarks/overhead.py                     # tiny models, then engines: ~5-10 min
+    python benchmarks/overhead.py --async-only        # the fake asynchronous device alone
     python benchmarks/overhead.py --model tiny-llama --dtype bf16 --engines none
     python benchmarks/overhead.py --engines-only --engines accelerate,deepspeed-zero
     python benchmarks/overhead.py --quick             # 6 blocks each: checks the pipeline only
@@ -94,6 +111,7 @@ from pytest_llmperf.backends import Backend, get_backend
 from pytest_llmperf.engines.base import Engine, LoadedModel, Prompt
 from pytest_llmperf.errors import SkipWorkload, UsageError
 from pytest_llmperf.execute import ModelCache, resolve
+from pytest_llmperf.measure import run_rounds
 from pytest_llmperf.runner import LLMPerf, TestContext
 from pytest_llmperf.spec import WorkloadSpec
 
@@ -527,6 +545,206 @@ def load_line(when: str) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- async device
+
+#: The fake device's work per token and the host's per step, in seconds (a small GPU model:
+#: the device is the bottleneck, the host runs ahead unless something makes it wait).
+ASYNC_PREFILL_S = 0.008
+ASYNC_DECODE_S = 0.002
+ASYNC_HOST_STEP_S = 0.0003
+#: What a synchronize costs beyond waiting for the queue: the driver's round trip.
+ASYNC_SYNC_RTT_S = 0.00005
+ASYNC_NEW_TOKENS = 64
+
+
+class _Marker:
+    """A device event: the device thread writes its time when it gets past it."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = math.nan
+
+
+class AsyncDevice:
+    """A queue of kernels run by one device thread, CUDA-style: launching returns at once."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="fake-device", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            kind, arg = self._queue.get()
+            if kind == "kernel":
+                time.sleep(arg)
+            elif kind == "event":
+                arg.t = time.perf_counter()
+            elif kind == "fence":
+                arg.set()
+            else:
+                return
+
+    def launch(self, seconds: float) -> None:
+        self._queue.put(("kernel", seconds))
+
+    def record(self) -> _Marker:
+        marker = _Marker()
+        self._queue.put(("event", marker))
+        return marker
+
+    def synchronize(self) -> None:
+        import threading
+
+        fence = threading.Event()
+        self._queue.put(("fence", fence))
+        fence.wait()
+        time.sleep(ASYNC_SYNC_RTT_S)
+
+    def close(self) -> None:
+        self._queue.put(("stop", None))
+        self._thread.join()
+
+
+class AsyncEventTimer:
+    def __init__(self, device: AsyncDevice) -> None:
+        self.device = device
+
+    def record(self) -> _Marker:
+        return self.device.record()
+
+    def elapsed(self, start: _Marker, end: _Marker) -> float:
+        return end.t - start.t
+
+
+class AsyncBackend(Backend):
+    """The fake device as a backend; ``events=False`` is a device without event support."""
+
+    name = "async-fake"
+
+    def __init__(self, device: AsyncDevice, *, events: bool) -> None:
+        self.device = device
+        self.timer = AsyncEventTimer(device) if events else None
+
+    def synchronize(self) -> None:
+        self.device.synchronize()
+
+    def event_timer(self) -> Any:
+        return self.timer
+
+
+def async_generate(device: AsyncDevice, hook: Optional[Callable[[], None]]) -> int:
+    """One kernel per token, no sync: host step, launch, then the per-token hook (as
+    ``token_stamps`` calls it after each forward returns)."""
+    for i in range(ASYNC_NEW_TOKENS):
+        time.sleep(ASYNC_HOST_STEP_S)
+        device.launch(ASYNC_PREFILL_S if i == 0 else ASYNC_DECODE_S)
+        if hook is not None:
+            hook()
+    return ASYNC_NEW_TOKENS
+
+
+@dataclass
+class AsyncSide:
+    label: str
+    e2e: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+
+
+def measure_async(rounds: int) -> list[AsyncSide]:
+    """The four ways, interleaved round by round (the order rotates), in this process."""
+    device = AsyncDevice()
+    events = AsyncBackend(device, events=True)
+    synced = AsyncBackend(device, events=False)
+    bare = AsyncSide("bare generate (sync, clock, generate, sync, clock)")
+    with_events = AsyncSide("plugin, event stamps (run_rounds, event timer)")
+    per_token = AsyncSide("plugin, sync per token (run_rounds, no events)")
+    host_only = AsyncSide("host clock per token, no sync (launch, not completion)")
+    clock = time.perf_counter
+
+    def run_bare() -> None:
+        device.synchronize()
+        t0 = clock()
+        async_generate(device, None)
+        device.synchronize()
+        bare.e2e.append(clock() - t0)
+
+    def run_plugin(backend: AsyncBackend, side: AsyncSide) -> None:
+        timing = run_rounds(
+            backend,
+            lambda hook: async_generate(device, hook),
+            rounds=1,
+            warmup=0,
+            new_tokens=ASYNC_NEW_TOKENS,
+            count_new_tokens=lambda n: n,
+        )
+        side.e2e += timing.e2e
+        side.ttft += timing.ttft
+        side.tpot += timing.tpot
+
+    def run_host_only() -> None:
+        stamps: list[float] = []
+        device.synchronize()
+        t0 = clock()
+        async_generate(device, lambda: stamps.append(clock()))
+        device.synchronize()
+        host_only.e2e.append(clock() - t0)
+        host_only.ttft.append(stamps[0] - t0)
+        host_only.tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+
+    ways: list[Callable[[], None]] = [
+        run_bare,
+        lambda: run_plugin(events, with_events),
+        lambda: run_plugin(synced, per_token),
+        run_host_only,
+    ]
+    try:
+        for way in ways:  # warm-up: thread start, first sleeps
+            way()
+        for side in (bare, with_events, per_token, host_only):
+            side.e2e.clear()
+            side.ttft.clear()
+            side.tpot.clear()
+        for r in range(rounds):
+            for k in range(len(ways)):
+                ways[(r + k) % len(ways)]()
+    finally:
+        device.close()
+    return [bare, with_events, per_token, host_only]
+
+
+def render_async(sides: list[AsyncSide], rounds: int) -> list[str]:
+    bare = statistics.median(sides[0].e2e)
+    lines = [
+        f"async     fake device: prefill {ASYNC_PREFILL_S * 1e3:g} ms, decode "
+        f"{ASYNC_DECODE_S * 1e3:g} ms/token on the device thread, host "
+        f"{ASYNC_HOST_STEP_S * 1e3:g} ms/step, sync round trip {ASYNC_SYNC_RTT_S * 1e6:g} µs, "
+        f"{ASYNC_NEW_TOKENS} tokens; medians of {rounds} rounds each, interleaved",
+        "",
+        f"{'timing':<56} {'e2e ms':>9} {'÷ bare':>7} {'ttft ms':>8} {'tpot ms':>8}",
+    ]
+    for side in sides:
+        e2e = statistics.median(side.e2e)
+        ttft = f"{statistics.median(side.ttft) * 1e3:8.3f}" if side.ttft else f"{'-':>8}"
+        tpot = f"{statistics.median(side.tpot) * 1e3:8.3f}" if side.tpot else f"{'-':>8}"
+        lines.append(f"{side.label:<56} {e2e * 1e3:9.2f} {e2e / bare:7.4f} {ttft} {tpot}")
+    events_ratio = statistics.median(sides[1].e2e) / bare
+    synced_ratio = statistics.median(sides[2].e2e) / bare
+    lines += [
+        "",
+        f"event stamps: e2e ×{events_ratio:.4f} of bare ("
+        + ("within" if events_ratio <= GOAL else "NOT within")
+        + f" 1 %); sync per token: ×{synced_ratio:.4f}"
+        + (" (worse)" if synced_ratio > GOAL else " (no worse: the claim is not shown)"),
+    ]
+    return lines
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -602,6 +820,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"at {ENGINE_CAP:g}x in any case (default 30)",
     )
     p.add_argument("--engine-worker", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--async-only",
+        action="store_true",
+        help="only the fake asynchronous device section (event stamps vs a sync per token)",
+    )
+    p.add_argument(
+        "--async-rounds",
+        type=int,
+        default=25,
+        help="rounds per timing way on the fake asynchronous device (default 25)",
+    )
     p.add_argument("--quick", action="store_true", help="6 blocks each: a pipeline check")
     args = p.parse_args(argv)
     if args.rounds < 5:
@@ -617,6 +846,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine_worker:
         return engine_worker(args.engine_worker, args)
+    print("\n".join(render_async(measure_async(args.async_rounds), args.async_rounds)))
+    print(flush=True)
+    if args.async_only:
+        return 0
     backend = get_backend("cpu")
     print(f"machine   {backend.device_key()} (torch {torch.__version__}, {os.cpu_count()} CPUs)")
     print(load_line("at the start"))

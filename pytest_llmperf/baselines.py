@@ -604,6 +604,9 @@ def perf_versions(provenance: Mapping[str, Any]) -> dict[str, str]:
     for name, value in (provenance.get("env") or {}).items():
         if value is not None:
             out[f"env:{name}"] = str(value)
+    # How ttft/tpot were stamped (device events or a sync per token) changes the numbers as an
+    # upgrade does. Runs stored before the method was recorded were all sync-clock.
+    out["timing_method"] = str(provenance.get("timing_method") or "sync-clock")
     return out
 
 

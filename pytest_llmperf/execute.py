@@ -13,12 +13,14 @@ the kernel killing the process rather than an exception.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
 
 from . import engines, measure, models, scenarios
 from .backends.base import Backend
+from .energy import fill_energy
 from .engines.base import Engine, LoadedModel
 from .errors import SkipWorkload, UsageError
 from .models.store import CheckpointStore
@@ -111,6 +113,11 @@ def resolve(spec: WorkloadSpec, backend: Backend) -> tuple[Scenario, Engine, mod
     count = backend.device_count()
     if spec.devices > count:
         raise SkipWorkload(f"needs {spec.devices} {backend.name} devices, this node has {count}")
+    if backend.engines is not None and engine.name not in backend.engines:
+        raise SkipWorkload(
+            f"engine {engine.name!r} does not run on {backend.name}; engines there: "
+            + ", ".join(backend.engines)
+        )
     reason = engine.unsupported(backend, spec)
     if reason:
         raise SkipWorkload(reason)
@@ -172,6 +179,8 @@ def execute(
         if loaded is None:
             return record
         record.metrics["load_time_s"] = MetricValue("load_time_s", loaded.load_time_s)
+        if loaded.compile_s is not None:  # compiled for this load, outside load_time_s
+            record.metrics["compile_s"] = MetricValue("compile_s", loaded.compile_s)
     else:
         # load_time_s belongs to the record of the call that loaded the model.
         record.workload["model_reused"] = True
@@ -208,6 +217,7 @@ class _Job:
             s.seed,
             self.backend.name,
             s.devices,
+            *self.engine.static_shapes(s),
         )
 
     def _free(self, resident: int) -> Optional[int]:
@@ -257,6 +267,7 @@ class _Job:
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise
+            forget_frames(exc)
             self.cache.drop(self.backend)
             record.outcome, record.note = "oom", oom_note(exc, "loading")
             return None
@@ -297,6 +308,7 @@ class _Job:
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise
+            forget_frames(exc)
             self.cache.drop(self.backend)
             record.outcome = "oom"
             record.note = oom_note(exc, scenario.activity)
@@ -341,13 +353,29 @@ def fill_timing(
     record.metrics["warmup_s"] = MetricValue("warmup_s", timing.warmup_s)
     record.metrics["peak_memory_bytes"] = MetricValue("peak_memory_bytes", timing.peak_memory_bytes)
     record.workload["rounds"] = len(timing.e2e)
+    # How ttft/tpot were stamped (measure.EVENTS or SYNC_CLOCK): in provenance, so a change
+    # of method shows in "changed since the baseline" and restarts the history.
+    record.provenance["timing_method"] = timing.method
     notes = [record.note] if record.note else []
     notes += timing.notes
+    # Joules per round from the hardware's counter (energy.py): absent, not zero, without one.
+    notes += fill_energy(record, timing.energy_j, backend.energy_meter(), tokens)
     load = backend.host_load()
     own = backend.own_load(load)
     record.busy_load = busy_load(load, own)
     if record.busy_load is not None:
         notes.append(busy_note(record.busy_load, own))
+    # Another job's kernels on our device (the device's analogue of busy_load): checked once,
+    # for what the device's tools remember of the rounds.
+    devices = record.workload.get("devices")
+    count = devices if isinstance(devices, int) and devices > 0 else 1
+    users = backend.device_users(range(count), since_s=time.time() - sum(timing.e2e))
+    record.device_users = list(users or [])
+    if record.device_users:
+        notes.append(
+            f"other processes on the {record.backend} device during the rounds: "
+            + ", ".join(record.device_users)
+        )
     record.scatter = scatter(timing.e2e)
     if record.scatter is not None:
         notes.append(
@@ -369,14 +397,29 @@ def oom_note(exc: BaseException, activity: Optional[str] = None) -> str:
     return f"out of memory{doing}: {str(exc) or type(exc).__name__}"
 
 
+def forget_frames(exc: BaseException) -> None:
+    """Let go of the tensors an out-of-memory error's traceback holds (the failed call's
+    frames keep its activations alive), so the memory freed right after really is free: the
+    allocator's cache goes back to the driver and the next test's memory check sees it."""
+    import traceback
+
+    traceback.clear_frames(exc.__traceback__)
+
+
 def is_oom(exc: BaseException, backend: Backend) -> bool:
     if isinstance(exc, backend.oom_errors()):
         return True
-    # SynapseAI and the Neuron runtime raise RuntimeError with the words in the message;
+    # The Neuron runtime raises RuntimeError with the words in the message; SynapseAI's device
+    # allocator says "[Rank:0] FATAL ERROR :: MODULE:PT_DEVMEM Allocation failed for size::…";
     # under a memory cap (RLIMIT_DATA) torch's CPU allocator says it can't allocate, and an
     # mmap of a checkpoint fails with ENOMEM ("Cannot allocate memory (12)").
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
         words in text
-        for words in ("out of memory", "can't allocate memory", "cannot allocate memory")
+        for words in (
+            "out of memory",
+            "can't allocate memory",
+            "cannot allocate memory",
+            "module:pt_devmem allocation failed",
+        )
     )

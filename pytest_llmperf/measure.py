@@ -1,5 +1,12 @@
 """The timing loop: warm-up outside the rounds, a device sync before every clock read.
 
+Per-token stamps (TTFT, TPOT) come from device events where the backend has them: one marker
+recorded per forward without waiting, resolved after the round's closing sync, so an
+asynchronous device is never stalled mid-round (transformers' generate no longer syncs per
+decode step; a sync per token would put that stall back). Without events each token is
+stamped by a sync and a host clock read, which on an asynchronous device is the only way a
+host clock marks completion rather than kernel launch. ``Timing.method`` says which.
+
 Kept free of pytest and torch so it can be tested with a fake backend and a fake clock, and
 reused by ``llmperf.generate`` and ``llmperf.measure`` alike.
 """
@@ -9,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .backends.base import Backend
+from .backends.base import Backend, EventTimer
 from .progress import Progress, ProgressFn, notify
 
 #: ttft + (new_tokens − 1) · tpot must explain e2e within this fraction; otherwise time is
@@ -17,6 +24,12 @@ from .progress import Progress, ProgressFn, notify
 CONSISTENCY_TOLERANCE = 0.02
 
 TokenHook = Callable[[], None]
+
+#: Timing.method: per-token device events resolved after the round's closing sync.
+EVENTS = "events"
+#: Timing.method: a sync and a host clock read per token (and every run without token stamps:
+#: its e2e is sync-to-sync host clock either way).
+SYNC_CLOCK = "sync-clock"
 
 
 class TokenCountError(AssertionError):
@@ -32,12 +45,28 @@ class Timing:
     peak_memory_bytes: Optional[int] = None
     output: Any = None
     notes: list[str] = field(default_factory=list)
+    #: How ttft/tpot were stamped: EVENTS or SYNC_CLOCK (the record's
+    #: ``provenance["timing_method"]``: a change of method restarts a baseline's history).
+    method: str = SYNC_CLOCK
+    #: Joules of each round from the backend's energy counter (None: that round's reads gave
+    #: no trustworthy delta); empty where the backend has no counter.
+    energy_j: list[Optional[float]] = field(default_factory=list)
 
 
-def _stamp(backend: Backend, into: list[float]) -> TokenHook:
+def _stamp(backend: Backend, into: list[Any]) -> TokenHook:
     def hook() -> None:
         backend.synchronize()
         into.append(backend.clock())
+
+    return hook
+
+
+def _mark(timer: EventTimer, into: list[Any]) -> TokenHook:
+    """One device marker per token, never a sync: the host runs ahead as it would unmeasured."""
+    record, append = timer.record, into.append
+
+    def hook() -> None:
+        append(record())
 
     return hook
 
@@ -107,9 +136,21 @@ def run_rounds(
     before the warm-up, then after each round's closing clock read and before the next
     round's first sync, never inside a timed span (warm-up included), so drawing a progress
     line costs the rounds nothing.
+
+    With the backend's event timer a round is: sync, clock (t0), start marker, the call (one
+    marker per token, no sync), sync, clock (t1); then ttft and tpot are resolved from the
+    markers. e2e is t1 - t0 in both methods. The energy counter, where there is one, is read
+    after the opening sync and after the closing clock read: outside [t0, t1], so a slow
+    counter read (NVML, a sysfs file) costs no round anything, and with the device idle at
+    both reads the energy window adds only idle time to the timed span.
     """
-    stamps: list[float] = []
-    hook = _stamp(backend, stamps) if new_tokens is not None and token_times else None
+    stamps: list[Any] = []
+    stamping = new_tokens is not None and token_times
+    timer = backend.event_timer() if stamping else None
+    hook: Optional[TokenHook] = None
+    if stamping:
+        hook = _mark(timer, stamps) if timer is not None else _stamp(backend, stamps)
+    meter = backend.energy_meter()
 
     if warmup:
         notify(progress, Progress("warmup", 0, warmup, tokens_per_round=tokens_per_round))
@@ -122,19 +163,33 @@ def run_rounds(
 
     notify(progress, Progress("rounds", 0, rounds, tokens_per_round=tokens_per_round))
     backend.reset_peak_memory()
-    timing = Timing(warmup_s=warmup_s, e2e=[])
+    timing = Timing(warmup_s=warmup_s, e2e=[], method=SYNC_CLOCK if timer is None else EVENTS)
     for index in range(rounds):
         stamps.clear()
         backend.synchronize()
+        joules_before = meter.read() if meter is not None else None
         t0 = backend.clock()
+        start_mark = timer.record() if timer is not None else None
         out = call(hook)
         backend.synchronize()
         t1 = backend.clock()
+        if meter is not None:
+            joules_after = meter.read()
+            timing.energy_j.append(
+                None
+                if joules_before is None or joules_after is None
+                else meter.delta(joules_before, joules_after)
+            )
         timing.e2e.append(t1 - t0)
         timing.output = out
         if new_tokens is not None:
             _check_tokens(index, out, new_tokens, count_new_tokens)
-            if token_times:
+            if timer is not None and len(stamps) == new_tokens:
+                # After the closing sync every marker has its device time: offsets from the
+                # start marker, which the device passed right after t0 (it was idle).
+                offsets = [timer.elapsed(start_mark, mark) for mark in stamps]
+                _token_times(timing, index, 0.0, offsets, new_tokens)
+            elif token_times:
                 _token_times(timing, index, t0, stamps, new_tokens)
         notify(progress, Progress("rounds", index + 1, rounds, t1 - t0, tokens_per_round))
     timing.peak_memory_bytes = backend.peak_memory_bytes()

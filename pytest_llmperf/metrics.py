@@ -53,6 +53,12 @@ METRICS: dict[str, Metric] = {
             True,
             "share of the checkpoint's pages in the OS page cache as the load starts (0 cold)",
         ),
+        Metric(
+            "compile_s",
+            "s",
+            True,
+            "ahead-of-time compile before the load (optimum-neuron export), when not cached",
+        ),
         Metric("warmup_s", "s", True, "wall time of all warm-up calls (compile included)"),
         Metric(
             "peak_memory_bytes",
@@ -92,6 +98,19 @@ METRICS: dict[str, Metric] = {
             "s",
             True,
             "one full batch's generate call within a dataset pass (llmperf.generate_dataset)",
+        ),
+        Metric(
+            "energy_j",
+            "J",
+            True,
+            "one round's energy from the hardware's counter (NVML, HLML, RAPL packages), "
+            "sync to sync; absent where there is none",
+        ),
+        Metric(
+            "joules_per_token",
+            "J/token",
+            True,
+            "energy_j / (batch_size × new_tokens) (a dataset pass: over prompts × new_tokens)",
         ),
     )
 }

@@ -106,6 +106,20 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_Collector(config), "llmperf-collector")
+    else:
+        _pin_worker(config.stash[CONFIG].settings)
+
+
+def _pin_worker(settings: S.Settings) -> None:
+    """pytest-xdist worker gwK: one device of each selected accelerator backend (devicelock),
+    set before anything imports a vendor stack (the probes run later, at collection)."""
+    from . import backends
+    from .devicelock import pin_worker
+
+    names = [n for n in settings.backend if n != "cpu"]
+    if "auto" in names:
+        names = [n for n in backends.names() if n != "cpu"]
+    pin_worker([backends.get_backend(n) for n in dict.fromkeys(names) if n in backends.names()])
 
 
 def _resolve_config(config: pytest.Config) -> _Config:
@@ -689,8 +703,7 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         device_key=state.device_key(llmperf_backend),
         provenance=state.provenance(llmperf_backend),
         params=params,
-        # Every worker uses the backend's default device: they compete for it.
-        shared_workers=state.workers if state.workers > 1 else 0,
+        shared_workers=_shared_workers(state.workers, llmperf_backend),
         launcher=marker.launcher or settings.launcher,
         models=item.config.stash[CONFIG].models,
         prompts=item.config.stash[CONFIG].prompts,
@@ -698,9 +711,40 @@ def llmperf(request: pytest.FixtureRequest, llmperf_backend: Backend) -> LLMPerf
         oom_series=state.oom_series,
         progress=_progress_line(item.config),
     )
+    state.launchers.locks.say = _say(item.config)
     handle = LLMPerf(llmperf_backend, context, state.launchers)
     item.stash[HANDLE] = handle
     return handle
+
+
+def _shared_workers(workers: int, backend: Backend) -> int:
+    """xdist workers that measure on this backend's device at the same time. A CPU host is
+    shared by all of them, deliberately; an accelerator's workloads hold its device lock
+    (devicelock), so workers pinned to one device take turns and none shares it while
+    measuring (another worker active on it anyway shows in ``Record.device_users``)."""
+    if backend.visible_devices_env:
+        return 0
+    return workers if workers > 1 else 0
+
+
+def _say(config: pytest.Config) -> Any:
+    """A line on pytest's terminal while a test runs (past output capture): how a workload
+    waiting for a device another job holds says so. An xdist worker's goes to its stderr."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def say(text: str) -> None:
+        import contextlib
+        import sys
+
+        if reporter is None or hasattr(config, "workerinput"):
+            print(f"llmperf: {text}", file=sys.__stderr__, flush=True)
+            return
+        quiet = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+        with quiet:
+            reporter.write_line(f"llmperf: {text}")
+
+    return say
 
 
 def _progress_line(config: pytest.Config) -> Optional[ProgressLine]:

@@ -281,6 +281,7 @@ class ProcessPool:
         combined.busy_load = max(
             (r.busy_load for r in usable if r.busy_load is not None), default=None
         )
+        combined.device_users = sorted({u for r in usable for u in r.device_users})
         scatters = [r.scatter for r in usable if r.scatter is not None]
         combined.scatter = max(scatters) if scatters else None
         head = f"median of {len(usable)} processes"

@@ -323,16 +323,24 @@ _LEFT = {"test", "backend", "outcome", "verdict"}
 def terminal_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     if not rows:
         return []
-    body = _table_rows(rows)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
+    header, body = list(HEADER), _table_rows(rows)
+    if any(_metric(row["record"], "joules_per_token") is not None for row in rows):
+        # Energy per token, where a hardware counter measured it (energy.py): a column only
+        # then, "-" for the rows without one.
+        at = header.index("peak mem")
+        header.insert(at, "J/token")
+        for cells, row in zip(body, rows):
+            value = _metric(row["record"], "joules_per_token")
+            cells.insert(at, "-" if value is None else f"{value:.4g}")
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
         parts = [
-            c.ljust(w) if name in _LEFT else c.rjust(w) for name, c, w in zip(HEADER, cells, widths)
+            c.ljust(w) if name in _LEFT else c.rjust(w) for name, c, w in zip(header, cells, widths)
         ]
         return "  ".join(parts).rstrip()
 
-    lines = ["= llmperf results", line(HEADER)]
+    lines = ["= llmperf results", line(header)]
     lines += [line(b) for b in body]
     notes = []
     for row in rows:

@@ -59,7 +59,10 @@ class Record:
       device while this was measured; ``scatter`` — the rounds' robust CV, or the spread of
       confirmation measurements, when beyond what a quiet device shows (the load average lags a
       minute behind a neighbour's job, the scatter does not). Any of them makes a regression
-      *inconclusive*.
+      *inconclusive*. ``device_users`` — processes outside our process family that were
+      active on the measured devices during the rounds (``Backend.device_users``: another
+      job's kernels on the GPU), as ``pid 4242 python (3.1 GiB)``; any makes it inconclusive
+      too.
     * ``inconclusive`` — set by the gate when it did not fail a regression for that reason.
     * ``measurements`` — the headline medians of every measurement when a change was
       re-measured to confirm it (the first is the original).
@@ -84,6 +87,7 @@ class Record:
     busy_load: float | None = None
     shared_workers: int = 0
     scatter: float | None = None
+    device_users: list[str] = field(default_factory=list)
     inconclusive: bool = False
     measurements: list[float] = field(default_factory=list)
     change: str | None = None
@@ -128,7 +132,12 @@ class Record:
     @property
     def contended(self) -> bool:
         """Measured while something else competed for the device: numbers not to judge on."""
-        return self.busy_load is not None or self.shared_workers > 1 or self.scatter is not None
+        return (
+            self.busy_load is not None
+            or self.shared_workers > 1
+            or self.scatter is not None
+            or bool(self.device_users)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -147,6 +156,7 @@ class Record:
             "busy_load": self.busy_load,
             "shared_workers": self.shared_workers,
             "scatter": self.scatter,
+            "device_users": list(self.device_users),
             "inconclusive": self.inconclusive,
             "measurements": list(self.measurements),
             "change": self.change,
@@ -181,6 +191,7 @@ class Record:
             busy_load=data.get("busy_load"),
             shared_workers=int(data.get("shared_workers") or 0),
             scatter=data.get("scatter"),
+            device_users=[str(user) for user in data.get("device_users") or []],
             inconclusive=bool(data.get("inconclusive", False)),
             measurements=list(data.get("measurements") or []),
             change=data.get("change"),

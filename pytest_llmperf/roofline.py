@@ -104,20 +104,32 @@ def _tok(text: str) -> str:
     return rf"(?:^|-)(?:{text})(?=$|-(?!\d(?:$|-)))"
 
 
-_NVIDIA_A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/a100)"
-_NVIDIA_H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/h100)"
+_NVIDIA_A100 = (
+    "NVIDIA A100 Tensor Core GPU datasheet, https://www.nvidia.com/content/dam/en-zz/Solutions/"
+    "Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
+)
+_NVIDIA_H100 = "NVIDIA H100 Tensor Core GPU, https://www.nvidia.com/en-us/data-center/h100/"
 _GAUDI2 = "Intel Gaudi 2 white paper (habana.ai): 96 GB HBM2E, 2.45 TB/s"
 
 #: Peak memory bandwidth of one device as the vendor publishes it (decimal units: 1 TB/s =
 #: 1e12 B/s), first match wins, so the more specific form factor comes first. "One device" is
 #: what the backend counts as one: a ROCm GPU is one MI250 GCD (two per module), a Neuron device
-#: one Inferentia2 or Trainium chip (two NeuronCores-v2).
+#: one Inferentia2 or Trainium chip (two NeuronCores-v2). The names are matched as torch reports
+#: them ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe",
+#: "AMD Instinct MI300X", "AMD Instinct MI250X / MI250"), normalized. A MIG slice matches its
+#: GPU's row and gets its share of it (``CudaBackend.memory_bandwidth``).
 PEAKS: tuple[Peak, ...] = (
     Peak("h100.*-nvl", "NVIDIA H100 NVL", 3.9e12, _NVIDIA_H100 + ": H100 NVL 3.9 TB/s"),
     Peak("h100.*-pcie", "NVIDIA H100 PCIe", 2.0e12, _NVIDIA_H100 + ": H100 PCIe 2 TB/s"),
     # The SXM5 part reports itself as "NVIDIA H100 80GB HBM3".
     Peak("h100.*-(sxm|hbm3)", "NVIDIA H100 SXM", 3.35e12, _NVIDIA_H100 + ": H100 SXM 3.35 TB/s"),
-    Peak(_tok("h200"), "NVIDIA H200", 4.8e12, "NVIDIA H200 datasheet: SXM and NVL 4.8 TB/s"),
+    Peak(
+        _tok("h200"),
+        "NVIDIA H200",
+        4.8e12,
+        "NVIDIA H200 Tensor Core GPU, https://www.nvidia.com/en-us/data-center/h200/: "
+        "H200 SXM and H200 NVL 4.8 TB/s",
+    ),
     Peak("a100-sxm\\d?-80gb", "NVIDIA A100 80GB SXM", 2.039e12, _NVIDIA_A100 + ": 2,039 GB/s"),
     Peak(
         "a100-(80gb-pcie|pcie-80gb)",
@@ -132,19 +144,55 @@ PEAKS: tuple[Peak, ...] = (
         _NVIDIA_A100 + ": 40GB PCIe and SXM 1,555 GB/s",
     ),
     Peak(
+        _tok("l40s?"),
+        "NVIDIA L40/L40S",
+        864e9,
+        "NVIDIA L40S GPU, https://www.nvidia.com/en-us/data-center/l40s/: 48 GB GDDR6, "
+        "864 GB/s (L40 the same memory)",
+    ),
+    Peak(
         _tok("a10g?"),
         "NVIDIA A10/A10G",
         600e9,
-        "NVIDIA A10 datasheet: 24 GB GDDR6, 600 GB/s (A10G is AWS's variant, same memory)",
+        "NVIDIA A10 Tensor Core GPU, https://www.nvidia.com/en-us/data-center/products/a10-gpu/: "
+        "24 GB GDDR6, 600 GB/s (A10G is AWS's variant, same memory: "
+        "https://aws.amazon.com/ec2/instance-types/g5/)",
     ),
-    Peak(_tok("l4"), "NVIDIA L4", 300e9, "NVIDIA L4 datasheet: 24 GB GDDR6, 300 GB/s"),
-    Peak("mi300x", "AMD Instinct MI300X", 5.3e12, "AMD Instinct MI300X data sheet: 5.3 TB/s"),
+    Peak(
+        _tok("l4"),
+        "NVIDIA L4",
+        300e9,
+        "NVIDIA L4 Tensor Core GPU, https://www.nvidia.com/en-us/data-center/l4/: "
+        "24 GB GDDR6, 300 GB/s",
+    ),
+    Peak(
+        "mi325x",
+        "AMD Instinct MI325X",
+        6.0e12,
+        "AMD Instinct MI325X, https://www.amd.com/en/products/accelerators/instinct/mi300/"
+        "mi325x.html: 256 GB HBM3E, 6 TB/s",
+    ),
+    Peak(
+        "mi300x",
+        "AMD Instinct MI300X",
+        5.3e12,
+        "AMD Instinct MI300X, https://www.amd.com/en/products/accelerators/instinct/mi300/"
+        "mi300x.html: 192 GB HBM3, 5.3 TB/s",
+    ),
     Peak(
         "mi250",
         "AMD Instinct MI250/MI250X (one GCD)",
         1.6384e12,
-        "AMD ROCm docs, MI250 microarchitecture: HBM2e 1.6 TB/s per GCD (3.2768 TB/s per "
-        "module of two GCDs; ROCm shows each GCD as one GPU)",
+        "AMD ROCm docs, MI250 microarchitecture, https://rocm.docs.amd.com/en/latest/"
+        "conceptual/gpu-arch/mi250.html: HBM2e 1.6 TB/s per GCD (3.2768 TB/s per module of "
+        "two GCDs; ROCm shows each GCD as one GPU)",
+    ),
+    Peak(
+        "mi210",
+        "AMD Instinct MI210",
+        1.6384e12,
+        "AMD Instinct MI210, https://www.amd.com/en/products/accelerators/instinct/mi200/"
+        "mi210.html: 64 GB HBM2e, 1.6 TB/s (one GCD)",
     ),
     Peak(
         _tok("gaudi-?3|hl-3\\d\\d"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,8 +20,9 @@ from typing import Any, Callable, Optional
 
 from . import progress as live
 from .backends.base import Backend
+from .devicelock import LockTimeout, visible_ids
 from .errors import SkipWorkload, UsageError
-from .execute import ModelCache, fill_timing, is_oom, oom_note, resolve
+from .execute import ModelCache, fill_timing, forget_frames, is_oom, oom_note, resolve
 from .launchers import Launchers
 from .measure import Timing, run_rounds
 from .metrics import FORWARD_GATED, LOAD_GATED
@@ -348,20 +350,52 @@ class LLMPerf:
             record = series.not_run(spec, context, backend, at)
         else:
             shown = live.label(spec)
-            record = chosen.run(spec, context, self.backend, progress=self._progress(shown))
+            run = partial(chosen.run, spec, context, self.backend, progress=self._progress(shown))
+            record = self._owned(spec.devices, spec, context, run)
             if series is not None:
                 series.observe(spec, context, backend, record)
         self.records.append(record)
         if record.outcome == "error":
             raise WorkloadCrashed(f"{record.key}: {record.note}")
         if record.outcome == "ok":
+            again = spec.again()
             self._again[record.key] = partial(
-                chosen.run,
-                spec.again(),
+                self._owned,
+                again.devices,
+                again,
                 context,
-                self.backend,
-                progress=self._progress(f"{live.label(spec)} (measuring again)"),
+                partial(
+                    chosen.run,
+                    again,
+                    context,
+                    self.backend,
+                    progress=self._progress(f"{live.label(spec)} (measuring again)"),
+                ),
             )
+        return record
+
+    def _owned(
+        self,
+        devices: int,
+        spec: Optional[WorkloadSpec],
+        context: RecordContext,
+        run: Callable[[], Record],
+    ) -> Record:
+        """``run`` while this job holds the node-wide locks of the ``devices`` it measures on
+        (devicelock.py; none on CPU): the one place every workload and every re-measurement
+        passes, whichever launcher runs it. A device another job holds past
+        --llmperf-lock-timeout makes an ``error`` record naming the holder."""
+        locks = self.launchers.locks
+        ids = visible_ids(self.backend, os.environ, devices)
+        try:
+            with locks.hold(ids):
+                record = run()
+        except LockTimeout as exc:
+            record = context.new_record(spec, self.backend.name)
+            record.outcome, record.note = "error", str(exc)
+            return record
+        if locks.waited:
+            record.note = "; ".join(n for n in (record.note, locks.waited) if n)
         return record
 
     def measure(
@@ -388,6 +422,8 @@ class LLMPerf:
         context = self._context(name, tolerance)
         record = self._measure_once(fn, context, batch_size, tokens, rounds, warmup)
         self.records.append(record)
+        if record.outcome == "error":  # a device another job held past --llmperf-lock-timeout
+            raise WorkloadCrashed(f"{record.key}: {record.note}")
         if record.outcome == "ok":
             self._again[record.key] = partial(
                 self._measure_once,
@@ -470,6 +506,20 @@ class LLMPerf:
         warmup: int,
         again: bool = False,
     ) -> Record:
+        # A callable runs on the device its code picks: the first visible one, as a rule.
+        run = partial(self._measure_unowned, fn, context, batch_size, tokens, rounds, warmup, again)
+        return self._owned(1, None, context, run)
+
+    def _measure_unowned(
+        self,
+        fn: Callable[[], Any],
+        context: RecordContext,
+        batch_size: int,
+        tokens: Optional[int],
+        rounds: int,
+        warmup: int,
+        again: bool = False,
+    ) -> Record:
         record = context.new_record(None, self.backend.name)
         record.workload.update(batch_size=batch_size, tokens=tokens)
         total = batch_size * tokens if tokens else None
@@ -486,6 +536,7 @@ class LLMPerf:
         except Exception as exc:
             if not is_oom(exc, self.backend):
                 raise
+            forget_frames(exc)
             self.backend.free_memory()
             record.outcome, record.note = "oom", oom_note(exc)
             return record

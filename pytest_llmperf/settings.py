@@ -98,6 +98,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _lock_seconds(text: str) -> float:
+    usage = "expected a number of seconds ≥ 0 (0: fail at once when another job holds the device)"
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise SettingError(usage) from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingError(usage)
+    return value
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = str(text).strip()
@@ -359,8 +370,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("warmup", "warm-up calls per workload, not timed (default 2)", _int(0), 2),
     Option(
         "launcher",
-        "where workloads run: auto (torchrun for several devices, else this process), inline, "
-        "process (a child process: crash isolation), torchrun",
+        "where workloads run: auto (several devices: deepspeed for the DeepSpeed engines where "
+        "it is installed, else torchrun; one device: this process), inline, process (a child "
+        "process: crash isolation), torchrun, deepspeed (DeepSpeed's launcher; "
+        "LLMPERF_DEEPSPEED_ARGS passes its --hostfile/--include through)",
         _choice(("auto", "inline", "process", "torchrun", "deepspeed")),
         "auto",
     ),
@@ -392,6 +405,21 @@ OPTIONS: tuple[Option, ...] = (
         "(RLIMIT_DATA), so a real out-of-memory can happen (at least 1GiB; default: unlimited)",
         parse_memory_limit,
         None,
+    ),
+    Option(
+        "lock_dir",
+        "node-wide directory of the device locks that keep two jobs from measuring one "
+        "accelerator at once (default /tmp/pytest-llmperf-locks; every job on the node must use "
+        "the same)",
+        _path,
+        None,
+    ),
+    Option(
+        "lock_timeout",
+        "seconds a workload waits for a device another job holds before it is recorded as an "
+        "error naming the holder (default 3600; 0 = fail at once)",
+        _lock_seconds,
+        3600.0,
     ),
     Option(
         "nvme_path",
@@ -433,6 +461,8 @@ class Settings:
     timeout: float = 3600.0
     cache_dir: Optional[str] = None
     nvme_path: Optional[str] = None
+    lock_dir: Optional[str] = None
+    lock_timeout: float = 3600.0
     cache_size: Optional[int] = DEFAULT_CACHE_SIZE
     memory_limit: Optional[int] = None
     sources: dict[str, str] = field(default_factory=dict)
@@ -616,7 +646,15 @@ PROCESS_ENV = "LLMPERF_PROCESS"
 PROCESS_REPORT_ENV = "LLMPERF_PROCESS_REPORT"
 #: The pid whose process tree a worker or rank counts as "ours" in the load (noise.own_load).
 FAMILY_ROOT_ENV = "LLMPERF_FAMILY_ROOT"
+#: ``<holder pid>:<device id>,…``: the device locks a process holds, inherited by its children
+#: so that they never take them again (devicelock.py).
+LOCKS_HELD_ENV = "LLMPERF_DEVICE_LOCKS"
+#: In a pytest-xdist worker pinned to one device: the visible-devices variables as they were
+#: before (JSON, null for unset); a workload of several devices gives its ranks these back.
+UNPINNED_ENV = "LLMPERF_XDIST_UNPINNED"
 INTERNAL_ENV = (
+    LOCKS_HELD_ENV,
+    UNPINNED_ENV,
     KEYS_OUT_ENV,
     RECORD_RUN_ENV,
     WORKER_IMPORTS_ENV,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from . import backends, baselines, gate, provenance, report, verdict
 from .backends.base import Backend
+from .devicelock import DEFAULT_LOCK_DIR
 from .launchers import Launchers, LaunchSettings, default_cache_dir
 from .processes import ProcessPool
 from .results import Record
@@ -93,6 +94,12 @@ class RunState:
                     cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
                     cache_size=self.settings.cache_size,
                     memory_limit=self.settings.memory_limit,
+                    lock_dir=(
+                        Path(self.settings.lock_dir).expanduser()
+                        if self.settings.lock_dir
+                        else DEFAULT_LOCK_DIR
+                    ),
+                    lock_timeout=self.settings.lock_timeout,
                 )
             )
         return self._launchers

@@ -139,6 +139,15 @@ def _rank(request_path: Path, out: Path, progress: Optional[Path] = None) -> int
     from .launchers.torchrun import RankBackend, init_rank
 
     request = json.loads(request_path.read_text(encoding="utf-8"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    devices = int(request["spec"].get("devices", 1))
+    if world != devices:
+        # A hostfile or --include naming other resources than the workload's devices: a group
+        # of the wrong size would measure another workload under this one's key.
+        if int(os.environ.get("RANK", "0")) == 0:
+            why = f"the launcher started {world} ranks, the workload asks for devices={devices}"
+            _reply(out, {"error": why})
+        return 0
     inner = _backend(backends, request["backend"])
     rank = init_rank(inner)
     with contextlib.ExitStack() as stack:
@@ -149,10 +158,15 @@ def _rank(request_path: Path, out: Path, progress: Optional[Path] = None) -> int
             events = _events_to(sink)
         reply = handle(request, backend=RankBackend(inner), progress=events)
     if rank == 0:
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(reply), encoding="utf-8")
-        tmp.replace(out)
+        _reply(out, reply)
     return 0
+
+
+def _reply(out: Path, reply: dict[str, Any]) -> None:
+    """Written whole or not at all: the launcher reads the file once the group has exited."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(reply), encoding="utf-8")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

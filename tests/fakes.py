@@ -52,6 +52,13 @@ ENV_LOAD = "FAKE_LOAD"
 ENV_BANDWIDTH = "FAKE_BANDWIDTH"
 #: The batch size from which the fake-batch-oom engine runs out of memory.
 ENV_OOM_BATCH = "FAKE_OOM_BATCH"
+#: The fake chip's power in watts: set, the chip has an energy counter (joules = watts × its
+#: clock), read as "energy" in ``FakeBackend.events``; unset, it has none (energy_meter None).
+ENV_ENERGY_W = "FAKE_ENERGY_W"
+#: Counter reads (1-based, comma-separated) that fail, as an unreadable or reset counter does.
+ENV_ENERGY_FAIL = "FAKE_ENERGY_FAIL"
+#: The fake chip has a counter kind but cannot read it here; the value is the reason.
+ENV_ENERGY_ABSENT = "FAKE_ENERGY_ABSENT"
 
 
 def slowdown() -> float:
@@ -124,6 +131,20 @@ class FakeBackend(Backend):
             return int(os.environ[ENV_TOTAL]) - self.resident
         return int(os.environ.get(ENV_AVAILABLE, str(AVAILABLE_BYTES)))
 
+    def energy_meter(self) -> Any:
+        """An energy counter only where a test asks for one (FAKE_ENERGY_W / _ABSENT), made
+        once per chip as real backends do."""
+        from pytest_llmperf.energy import AbsentMeter
+
+        if getattr(self, "_energy", None) is None:
+            if ENV_ENERGY_ABSENT in os.environ:
+                self._energy: Any = AbsentMeter("fake-counter", os.environ[ENV_ENERGY_ABSENT])
+            elif ENV_ENERGY_W in os.environ:
+                self._energy = fake_energy_meter(self)
+            else:
+                return None
+        return self._energy
+
     def memory_bandwidth(self) -> Any:
         from pytest_llmperf.roofline import PUBLISHED, Bandwidth
 
@@ -131,6 +152,29 @@ class FakeBackend(Backend):
         if ENV_BANDWIDTH not in os.environ:
             return None
         return Bandwidth(float(os.environ[ENV_BANDWIDTH]), PUBLISHED, "fake datasheet", "Fake Chip")
+
+
+def fake_energy_meter(backend: FakeBackend) -> Any:
+    """The fake chip's energy counter: FAKE_ENERGY_W watts for as long as its clock ran, read
+    on the chip's own clock (binary-fraction watts keep every delta exact). The energy module
+    is imported here, not at the top: only tests that ask for a counter need it."""
+    from pytest_llmperf.energy import EnergyMeter
+
+    class FakeEnergyMeter(EnergyMeter):
+        name = "fake-counter"
+
+        def __init__(self) -> None:
+            super().__init__(clock=lambda: backend.now)
+            self.reads = 0
+
+        def _read_parts(self) -> Optional[list[tuple[str, float]]]:
+            self.reads += 1
+            backend.events.append("energy")
+            if str(self.reads) in os.environ.get(ENV_ENERGY_FAIL, "").split(","):
+                return None
+            return [("fake:0", float(os.environ.get(ENV_ENERGY_W, "0")) * backend.now)]
+
+    return FakeEnergyMeter()
 
 
 class FakeModel:

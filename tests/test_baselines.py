@@ -156,7 +156,16 @@ def test_record_to_run_refuses_what_must_not_be_stored() -> None:
 
 def test_perf_versions_and_changes() -> None:
     prov = make_record().provenance
-    assert bl.perf_versions(prov) == {**VERSIONS, "env:OMP_NUM_THREADS": "2"}
+    # A run stored before the timing method was recorded was stamped by sync and clock.
+    assert bl.perf_versions(prov) == {
+        **VERSIONS,
+        "env:OMP_NUM_THREADS": "2",
+        "timing_method": "sync-clock",
+    }
+    assert bl.version_changes(prov, prov | {"timing_method": "sync-clock"}) == []
+    assert bl.version_changes(prov, prov | {"timing_method": "events"}) == [
+        "timing_method sync-clock → events"
+    ]
     old = {"torch": "2.12.0", "env:OMP_NUM_THREADS": "4", "deepspeed": "0.14"}
     new = {"torch": "2.13.0", "env:OMP_NUM_THREADS": "2", "transformers": "5.23.0"}
     assert bl.version_changes(old, new) == [

@@ -134,7 +134,7 @@ def test_an_engine_id_that_is_not_implemented_is_a_usage_error_not_a_skip(projec
         ("inline", 2, "no", "launcher='inline' runs one device; devices=2 needs"),
         ("process", 4, "no", "torchrun"),
         ("inline", 1, "workload", "the inline launcher cannot give one"),
-        ("deepspeed", 1, "no", "arrives with the DeepSpeed engines"),
+        ("deepspeed", 1, "no", "deepspeed"),
         ("rocket", 1, "no", "expected one of auto, inline, process, torchrun, deepspeed"),
     ],
 )

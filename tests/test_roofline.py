@@ -138,6 +138,11 @@ def test_an_unknown_parallelism_is_refused():
         ("NVIDIA H200", 4800),
         ("AMD Instinct MI250X / MI250", 1638.4),  # one GCD, as ROCm counts devices
         ("AMD Instinct MI300X", 5300),
+        ("AMD Instinct MI325X", 6000),
+        ("AMD Instinct MI210", 1638.4),
+        ("NVIDIA L40S", 864),
+        ("NVIDIA L40", 864),
+        ("NVIDIA H200 NVL", 4800),
         ("GAUDI", 1000),
         ("GAUDI2", 2450),
         ("GAUDI3", 3700),
@@ -153,7 +158,8 @@ def test_a_known_accelerator_gets_its_published_peak(reported, gb_per_s):
 
 
 @pytest.mark.parametrize(
-    "reported", ["NVIDIA A100", "NVIDIA L40S", "NVIDIA GeForce RTX 4090", "Trainium2", "Fake Chip"]
+    "reported",
+    ["NVIDIA A100", "NVIDIA RTX A6000", "NVIDIA GeForce RTX 4090", "Trainium2", "Fake Chip"],
 )
 def test_an_unknown_or_ambiguous_device_has_no_peak(reported):
     # "NVIDIA A100" alone could be 1,555 or 2,039 GB/s: better no roofline than a wrong one.
@@ -162,6 +168,8 @@ def test_an_unknown_or_ambiguous_device_has_no_peak(reported):
 
 def test_every_row_of_the_table_names_its_source():
     assert all(peak.source and peak.bytes_per_s > 0 for peak in roofline.PEAKS)
+    gpus = [p for p in roofline.PEAKS if p.name.startswith(("NVIDIA", "AMD"))]
+    assert gpus and all("https://" in peak.source for peak in gpus)
 
 
 # -- the CPU host: measured once, carried to children -------------------------------------------

@@ -12,11 +12,53 @@ import gc
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol
 
 if TYPE_CHECKING:
+    from ..energy import EnergyMeter
     from ..roofline import Bandwidth
+
+
+class EventTimer(Protocol):
+    """Device-side timestamps that cost no host-device round trip.
+
+    ``record()`` enqueues a marker on the device's current stream and returns at once: the
+    device stamps it when the work queued before it is done, so a per-token marker measures
+    completion, not kernel launch, without stalling the host as a sync per token would.
+    ``elapsed(a, b)`` is valid only after a ``synchronize()`` that follows both records.
+    """
+
+    def record(self) -> Any:
+        """Enqueue one marker without waiting; its handle for :meth:`elapsed`."""
+        ...
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        """Seconds between two recorded markers (after a sync)."""
+        ...
+
+
+class TorchEventTimer:
+    """An :class:`EventTimer` over torch's CUDA-style ``Event(enable_timing=True)`` class:
+    ``torch.cuda.Event`` (ROCm builds too), ``torch.xpu.Event``, habana's ``torch.hpu.Event``
+    (its ``record`` on the current stream also marks the lazy-mode step, so the marker follows
+    the token's work). Their ``elapsed_time`` is in milliseconds.
+
+    Not MPS: ``torch.mps.event.Event`` stamps a whole command buffer's completion on the host,
+    so two tokens in one buffer get equal stamps and ``elapsed_time`` refuses them; MPS keeps
+    sync-and-clock."""
+
+    def __init__(self, event: Callable[..., Any]) -> None:
+        self._event = event
+
+    def record(self) -> Any:
+        handle = self._event(enable_timing=True)
+        handle.record()
+        return handle
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        return float(start.elapsed_time(end)) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,14 @@ class Backend:
     #: The devices share one memory (CPU cores): what is free is free for all of them at once.
     shared_memory: ClassVar[bool] = False
     dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
+    #: The variable that hides all but some devices from the vendor stack (CUDA_VISIBLE_DEVICES,
+    #: …): pytest-xdist workers are pinned through it and device locks are named by its
+    #: entries (``devicelock``). "" where there is nothing to pin or lock (cpu, mps).
+    visible_devices_env: ClassVar[str] = ""
+    #: The only engines that run on this hardware (None: any engine whose ``unsupported`` says
+    #: yes). Neuron runs compiled graphs through optimum-neuron only: another engine there would
+    #: put the model on the host and report CPU numbers under the neuron device key.
+    engines: ClassVar[Optional[tuple[str, ...]]] = None
 
     _probe: Probe | None = None
 
@@ -73,7 +123,26 @@ class Backend:
         raise NotImplementedError
 
     def device_count(self) -> int:
-        return self.probe().count
+        """The node's devices; in a pytest-xdist worker pinned to one (``devicelock``) the count
+        before pinning, since a ``devices(n)`` workload's ranks get them all back."""
+        from ..devicelock import unpinned_count
+
+        pinned = unpinned_count(self, os.environ)
+        return self.probe().count if pinned is None else pinned
+
+    def node_device_count(self) -> Optional[int]:
+        """Devices on the node, counted without initializing the vendor stack (device nodes),
+        or None where that cannot be told: xdist pinning must happen before the stack starts."""
+        return None
+
+    def device_users(
+        self, indices: Sequence[int], *, since_s: Optional[float] = None
+    ) -> Optional[list[str]]:
+        """Processes outside our process family active on devices ``indices`` (visible
+        indices) since ``since_s`` (``time.time()``), as ``pid 4242 python (3.1 GiB)``; None
+        where the hardware's tools cannot tell. A regression measured with any is
+        inconclusive (``Record.device_users``)."""
+        return None
 
     def device_name(self) -> str:
         return self.name
@@ -117,6 +186,16 @@ class Backend:
 
     def synchronize(self) -> None:
         """Block until queued device work is done; called before every clock read."""
+
+    def event_timer(self) -> Optional[EventTimer]:
+        """Device events for per-token stamps without a sync per token (measure.run_rounds);
+        None where the hardware has none: the tokens are then stamped by sync and clock."""
+        return None
+
+    def energy_meter(self) -> Optional[EnergyMeter]:
+        """The device's cumulative energy counter (``energy.EnergyMeter``), read once after
+        the sync that opens a round and once after the one that closes it; None: no counter."""
+        return None
 
     def bind_device(self, local_rank: int) -> None:
         """Make ``local_rank``'s device this process's default (one rank per device)."""
@@ -209,6 +288,12 @@ class TorchDeviceBackend(Backend):
 
     def synchronize(self) -> None:
         self._ns().synchronize()
+
+    def event_timer(self) -> Optional[EventTimer]:
+        """``torch.<namespace>.Event`` where the namespace has one (CUDA/ROCm, XPU, and HPU
+        once habana_frameworks registers ``torch.hpu``); None for a namespace without."""
+        event = getattr(self._ns(), "Event", None)
+        return None if event is None else TorchEventTimer(event)
 
     def reset_peak_memory(self) -> None:
         self._ns().reset_peak_memory_stats()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 from .base import Backend, Probe
 
 if TYPE_CHECKING:
+    from ..energy import EnergyMeter
     from ..roofline import Bandwidth
 
 #: The host's copy bandwidth, measured once per process (see CpuBackend.memory_bandwidth).
@@ -101,6 +102,18 @@ class CpuBackend(Backend):
 
             _measured = copy_bandwidth(device=self.device_name())
         return _measured
+
+    #: The RAPL meter, made on first use (a sysfs scan) and kept for the process.
+    _energy: Optional[EnergyMeter] = None
+
+    def energy_meter(self) -> Optional[EnergyMeter]:
+        """The CPU packages' RAPL counters (``energy.RaplMeter``); where they are unreadable
+        (root-only since Linux 5.10, or no powercap in a VM) a meter that says why."""
+        if self._energy is None:
+            from ..energy import RaplMeter
+
+            self._energy = RaplMeter()
+        return self._energy
 
     def reset_peak_memory(self) -> None:
         """Start a fresh RSS high-water mark, so the peak is this workload's, not the process's.

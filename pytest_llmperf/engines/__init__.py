@@ -45,6 +45,8 @@ _MODULES = {
     "bnb-4bit": ("bnb", "Bnb4bitEngine"),
     "deepspeed-inference": ("deepspeed_inference", "DeepSpeedInferenceEngine"),
     "deepspeed-zero": ("deepspeed_zero", "DeepSpeedZeroEngine"),
+    "optimum-habana": ("optimum_habana", "OptimumHabanaEngine"),
+    "optimum-neuron": ("optimum_neuron", "OptimumNeuronEngine"),
 }
 _instances: dict[str, Engine] = {}
 

@@ -46,6 +46,10 @@ class LoadedModel:
     note: str = ""
     #: Called when the model is dropped (scratch folders, process groups).
     close: Optional[Callable[[], None]] = None
+    #: Seconds this load spent compiling the model ahead of time (optimum-neuron's export),
+    #: kept out of ``load_time_s`` and recorded as ``compile_s``; None when nothing was
+    #: compiled (a cache hit, or an engine that does not compile).
+    compile_s: Optional[float] = None
 
 
 class Engine:
@@ -66,6 +70,13 @@ class Engine:
     #: device reads its share of the weights and KV heads; "data" — each rank reads every
     #: weight and generates its own batch. roofline_fraction counts the bytes per device so.
     parallelism: ClassVar[str] = "tensor"
+    #: The engine's library drives all ``devices`` from one process (optimum-neuron: the
+    #: tensor parallelism is compiled into its graph), so several devices need no rank group:
+    #: the launchers run it as they run one device.
+    one_process: ClassVar[bool] = False
+    #: The rank-group launcher ``auto`` starts ``devices > 1`` under (``launchers.NAMES``):
+    #: DeepSpeed's engines take DeepSpeed's (torchrun where DeepSpeed is not installed).
+    launcher: ClassVar[str] = "torchrun"
     #: Modules ``load`` needs, imported before it: ``llmperf.load`` times their import apart
     #: (``import_s``), so a cold start's interpreter cost is not read as the engine's load time.
     #: Every built-in engine loads through transformers' ``from_pretrained``; most of its import
@@ -118,6 +129,12 @@ class Engine:
         """Bytes the workload needs over all its devices: weights plus what the scenario needs
         to run (KV cache, activations). Engines with workspaces of their own add them."""
         return self.device_weight_bytes(model, spec) + runtime_bytes
+
+    def static_shapes(self, spec: WorkloadSpec) -> tuple[Any, ...]:
+        """The input shapes a loaded model is built for, when the engine compiles for fixed
+        shapes (optimum-neuron: batch size and sequence length): a spec with other shapes gets
+        a model of its own instead of the cached one. Empty: any shape runs."""
+        return ()
 
     def load(
         self, model: ModelSpec, spec: WorkloadSpec, backend: Backend, store: CheckpointStore

@@ -298,6 +298,8 @@ class DeepSpeedInferenceEngine(Engine):
     #: run), False turns them off; absent, they are used wherever they can run.
     options: ClassVar[dict[str, tuple[type, ...]]] = {"kernel_inject": (bool,)}
     may_crash: ClassVar[bool] = True
+    #: ``devices > 1`` under ``auto``: DeepSpeed's launcher (launchers/deepspeed.py).
+    launcher: ClassVar[str] = "deepspeed"
 
     def unsupported(self, backend: Backend, spec: WorkloadSpec) -> Optional[str]:
         if spec.dtype == "int8" and spec.options.get("kernel_inject") is False:

@@ -141,6 +141,8 @@ class DeepSpeedZeroEngine(Engine):
     #: giving ``nvme_path`` alone means nvme) or none (partitions stay on the devices).
     options: ClassVar[dict[str, tuple[type, ...]]] = {"offload": (str,), "nvme_path": (str,)}
     may_crash: ClassVar[bool] = True
+    #: ``devices > 1`` under ``auto``: DeepSpeed's launcher (launchers/deepspeed.py).
+    launcher: ClassVar[str] = "deepspeed"
     # Each rank gathers every partition for its own batch (see the module docstring).
     parallelism: ClassVar[str] = "data"
 

@@ -7,10 +7,14 @@ call's ``launcher=`` argument).
   that asks for cold numbers (``fresh``) gets a new process per workload or per round. Several
   devices run as a torchrun group, whose ranks are child processes as well.
 - ``torchrun`` — ``devices > 1``: one rank per device through ``torch.distributed.run``.
-- ``auto`` — ``torchrun`` for several devices, ``process`` when the workload asks for fresh
-  processes, its engine declares it can crash the interpreter (``Engine.may_crash``), or
-  ``--llmperf-memory-limit`` caps a CPU host (only a child can run under a real cap), else
-  ``inline``.
+- ``deepspeed`` — the same rank group under DeepSpeed's launcher (``deepspeed --num_gpus N``;
+  ``launchers/deepspeed.py``, which also documents multi-node runs).
+- ``auto`` — for several devices the engine's rank launcher (``Engine.launcher``: ``deepspeed``
+  for the DeepSpeed engines and optimum-habana where DeepSpeed is installed, else
+  ``torchrun``; the record's ``provenance["launcher"]`` says which ran), ``process`` when the
+  workload asks for fresh processes, its engine declares it can crash the interpreter
+  (``Engine.may_crash``), or ``--llmperf-memory-limit`` caps a CPU host (only a child can run
+  under a real cap), else ``inline``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..backends.base import Backend
+from ..devicelock import DEFAULT_LOCK_DIR, DEFAULT_LOCK_TIMEOUT_S, DeviceLocks
 from ..errors import UsageError
 from ..execute import ModelCache
 from ..models.store import CACHE_DIR_ENV, CACHE_SIZE_ENV, CheckpointStore, default_cache_dir
@@ -34,6 +39,8 @@ from .inline import InlineLauncher
 __all__ = ["NAMES", "LaunchSettings", "Launcher", "Launchers", "default_cache_dir"]
 
 NAMES = ("auto", "inline", "process", "torchrun", "deepspeed")
+#: The launchers that start one rank per device.
+RANK_LAUNCHERS = ("torchrun", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,9 @@ class LaunchSettings:
     python: str = sys.executable
     #: --llmperf-memory-limit: workers and ranks run under it (see Backend.limit_memory).
     memory_limit: Optional[int] = None
+    #: --llmperf-lock-dir and --llmperf-lock-timeout: the node-wide device locks (devicelock).
+    lock_dir: Path = DEFAULT_LOCK_DIR
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
 
     def child_env(self) -> dict[str, str]:
         """The environment of a worker or rank: this one, plus where the checkpoint cache is,
@@ -77,6 +87,9 @@ class Launchers:
         self.settings = settings or LaunchSettings()
         self.cache = cache if cache is not None else ModelCache(store=self.settings.store())
         self._made: dict[str, Launcher] = {}
+        #: Held around each workload on an accelerator (runner.LLMPerf); the plugin sets its
+        #: ``say`` to pytest's terminal.
+        self.locks = DeviceLocks(self.settings.lock_dir, self.settings.lock_timeout)
 
     def choose(
         self, spec: WorkloadSpec, requested: str, backend: Optional[Backend] = None
@@ -99,9 +112,13 @@ class Launchers:
             # One model resident at a time: a child holding one replaces the inline cache's.
             self.cache.drop()
             return ProcessLauncher(self.settings)
+        self.cache.drop()
+        if name == "deepspeed":
+            from .deepspeed import DeepSpeedLauncher
+
+            return DeepSpeedLauncher(self.settings)
         from .torchrun import TorchrunLauncher
 
-        self.cache.drop()
         return TorchrunLauncher(self.settings)
 
     def close(self) -> None:
@@ -113,19 +130,17 @@ class Launchers:
 def _choose_name(spec: WorkloadSpec, requested: str, capped_host: bool = False) -> str:
     if requested not in NAMES:
         raise UsageError(f"launcher={requested!r}: expected one of {', '.join(NAMES)}")
-    if requested == "deepspeed":
-        raise UsageError(
-            "launcher='deepspeed' arrives with the DeepSpeed engines; run several devices with "
-            "launcher='torchrun'"
-        )
-    if spec.devices > 1:
+    if requested in RANK_LAUNCHERS:
+        # A rank group of one device is still a group (DeepSpeed's launcher with one rank).
+        return requested
+    if spec.devices > 1 and not _one_process(spec.engine):
         if requested == "inline":
             raise UsageError(
                 f"launcher='inline' runs one device; devices={spec.devices} needs "
-                "launcher='torchrun' (or 'auto', or 'process')"
+                "launcher='torchrun' or 'deepspeed' (or 'auto', or 'process')"
             )
         # Several devices always run as a rank group: its ranks are child processes too.
-        return "torchrun"
+        return _rank_launcher(spec.engine)
     if requested == "auto":
         child = spec.fresh != "no" or capped_host or _may_crash(spec.engine)
         return "process" if child else "inline"
@@ -142,3 +157,23 @@ def _may_crash(engine: str) -> bool:
     from .. import engines
 
     return engines.get_engine(engine).may_crash
+
+
+def _rank_launcher(engine: str) -> str:
+    """The engine's rank-group launcher (``Engine.launcher``); DeepSpeed's only where DeepSpeed
+    is installed (package metadata, no import), else torchrun, whose ranks DeepSpeed joins too."""
+    from .. import engines
+    from ..engines.deepspeed_inference import install_reason
+
+    wanted = engines.get_engine(engine).launcher
+    if wanted == "deepspeed" and install_reason("deepspeed") is not None:
+        return "torchrun"
+    return wanted if wanted in RANK_LAUNCHERS else "torchrun"
+
+
+def _one_process(engine: str) -> bool:
+    """Engines that drive all their devices from one process (optimum-neuron: the tensor
+    parallelism is inside the compiled graph) run ``devices > 1`` without a rank group."""
+    from .. import engines
+
+    return engines.get_engine(engine).one_process

@@ -21,9 +21,10 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from ..backends.base import Backend
+from ..devicelock import unpinned_env
 from ..errors import SkipWorkload
 from ..execute import model_of
 from ..progress import ChildProgress, ProgressFn
@@ -36,10 +37,53 @@ from .process import from_reply
 
 
 class TorchrunLauncher(Launcher):
+    """A rank group under torch's launcher; :class:`~.deepspeed.DeepSpeedLauncher` is the same
+    group under DeepSpeed's, overriding only what differs (:meth:`unavailable`,
+    :meth:`command`, :meth:`rank_env`, :meth:`first_failure`)."""
+
     name: ClassVar[str] = "torchrun"
 
     def __init__(self, settings: LaunchSettings) -> None:
         self.settings = settings
+
+    def unavailable(self) -> Optional[str]:
+        """Why this launcher cannot start a group here (a skip), or None."""
+        if importlib.util.find_spec("torch.distributed.run") is None:
+            return "torchrun unavailable: torch.distributed.run cannot be imported"
+        return None
+
+    def command(self, ranks: int, backend: Backend, worker: list[str]) -> list[str]:
+        """The command line that starts ``ranks`` ranks, each running ``worker`` (the
+        arguments after ``python -m``)."""
+        return [
+            self.settings.python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            *worker,
+        ]
+
+    def rank_env(self, ranks: int, backend: Backend) -> dict[str, str]:
+        """The ranks' environment: the children's, with all the node's devices visible (also
+        from an xdist worker pinned to one), the cores shared out, and what the backend's
+        collectives need (:data:`RANK_DEFAULTS`) unless the user set it."""
+        env = {
+            **unpinned_env(self.settings.child_env()),
+            "OMP_NUM_THREADS": str(max(1, _cpus() // ranks)),
+        }
+        for key, value in RANK_DEFAULTS.get(backend.torch_device, {}).items():
+            env.setdefault(key, value)
+        return env
+
+    def first_failure(self, log: Path) -> str:
+        """What the launcher's log says about the rank that failed first (" (...)"), or ""."""
+        return _failed_rank(log)
+
+    def tail(self, log: Path) -> str:
+        """The end of the group's output, for an error record's note."""
+        return _tail(log)
 
     def run(
         self,
@@ -49,8 +93,9 @@ class TorchrunLauncher(Launcher):
         *,
         progress: Optional[ProgressFn] = None,
     ) -> Record:
-        if importlib.util.find_spec("torch.distributed.run") is None:
-            raise SkipWorkload("torchrun unavailable: torch.distributed.run cannot be imported")
+        reason = self.unavailable()
+        if reason:
+            raise SkipWorkload(reason)
         spec = self._with_weights(spec)
         with tempfile.TemporaryDirectory(prefix="llmperf-ranks-") as tmp:
             message, out, log = (
@@ -59,8 +104,8 @@ class TorchrunLauncher(Launcher):
                 Path(tmp) / "log",
             )
             message.write_text(json.dumps(request(spec, context, backend)), encoding="utf-8")
-            code = self._launch(spec.devices, message, out, log, progress)
-            tail = _tail(log)
+            code = self._launch(spec.devices, backend, message, out, log, progress)
+            tail = self.tail(log)
             if code is None:
                 why = (
                     f"timed out after {self.settings.timeout:g} s (--llmperf-timeout); "
@@ -68,10 +113,13 @@ class TorchrunLauncher(Launcher):
                 )
                 return error_record(spec, context, backend, f"{why}; output tail:\n{tail}")
             if code != 0 or not out.is_file():
-                why = f"torchrun {exit_reason(code)}" + _failed_rank(log)
+                why = f"{self.name} {exit_reason(code)}" + self.first_failure(log)
                 return error_record(spec, context, backend, f"{why}; output tail:\n{tail}")
             reply = json.loads(out.read_text(encoding="utf-8"))
-        return from_reply(reply, spec, context, backend, lambda: tail)
+        record = from_reply(reply, spec, context, backend, lambda: tail)
+        # auto picks the rank launcher by engine: the record says which one ran.
+        record.provenance["launcher"] = self.name
+        return record
 
     def _with_weights(self, spec: WorkloadSpec) -> WorkloadSpec:
         """The spec with a checkpoint directory every rank loads (a seeded one written once)."""
@@ -90,29 +138,25 @@ class TorchrunLauncher(Launcher):
     def _launch(
         self,
         ranks: int,
+        backend: Backend,
         request: Path,
         out: Path,
         log: Path,
         progress: Optional[ProgressFn] = None,
     ) -> int | None:
-        """torchrun's exit code, or None when the group ran past the timeout (then killed).
-        With ``progress``, rank 0 appends its events to a file next to the reply, which is
-        read while the group runs."""
+        """The launcher's exit code, or None when the group ran past the timeout (then
+        killed). With ``progress``, rank 0 appends its events to a file next to the reply,
+        which is read while the group runs."""
         events = out.with_name("progress")
-        cmd = [
-            self.settings.python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={ranks}",
-            "-m",
+        worker = [
             "pytest_llmperf.worker",
             "--rank",
             f"--request={request}",
             f"--out={out}",
             *([f"--progress={events}"] if progress is not None else []),
         ]
-        env = {**self.settings.child_env(), "OMP_NUM_THREADS": str(max(1, _cpus() // ranks))}
+        cmd = self.command(ranks, backend, worker)
+        env = self.rank_env(ranks, backend)
         with open(log, "wb") as sink:
             proc = subprocess.Popen(
                 cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -132,6 +176,13 @@ class TorchrunLauncher(Launcher):
                     read = _forward(events, read, watch)
                     watch.tick()
 
+
+#: What the ranks' collectives need on a backend, set unless the user set it: Gaudi's lazy
+#: mode runs collectives only with PT_HPU_ENABLE_LAZY_COLLECTIVES (optimum-habana's
+#: text-generation example sets both for every multi-card run, utils.setup_env).
+RANK_DEFAULTS: dict[str, dict[str, str]] = {
+    "hpu": {"PT_HPU_ENABLE_LAZY_COLLECTIVES": "true", "PT_HPU_LAZY_ACC_PAR_MODE": "0"},
+}
 
 #: How often the group's progress file is read while it runs (a few stat and read calls of
 #: a small file: nothing next to the ranks' work).
@@ -158,12 +209,13 @@ def _forward(events: Path, read: int, watch: ChildProgress) -> int:
     return read + len(complete) + len(newline)
 
 
-def _tail(log: Path, lines: int = 20) -> str:
+def _tail(log: Path, lines: int = 20, skip: Callable[[str], bool] = lambda line: False) -> str:
+    """The last ``lines`` lines of ``log`` that ``skip`` keeps out (a launcher's chatter)."""
     try:
         text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return "\n".join(text[-lines:])
+    return "\n".join([line for line in text if not skip(line)][-lines:])
 
 
 def _failed_rank(log: Path) -> str:

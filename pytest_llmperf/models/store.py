@@ -34,6 +34,7 @@ writer: it is never reused, and is removed.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import filelock
 
@@ -63,6 +64,12 @@ LOCK_NAME = ".llmperf-cache.lock"
 #: How long a writer waits for another writer. Writing bloomz-7b1 in fp32 (26 GiB) takes minutes;
 #: an hour means the other writer is hung, and the test should say so rather than wait for ever.
 WRITE_LOCK_TIMEOUT_S = 3600.0
+#: Written last into a folder of compiled artifacts (:meth:`CheckpointStore.compiled`): what
+#: it was compiled from. A folder without it is an unfinished compile, never loaded.
+COMPILED_MARKER = "llmperf-compiled.json"
+#: How long a process waits for another one compiling the same artifacts: a 70B model's
+#: Neuron compile takes well over an hour.
+COMPILE_LOCK_TIMEOUT_S = 4 * 3600.0
 
 SEEDED = "seeded"
 PARTIAL = "partial write"
@@ -336,6 +343,72 @@ class CheckpointStore:
             yield
         finally:
             lock.release()
+
+    # -- compiled artifacts --------------------------------------------------------------------
+
+    def compiled(
+        self, name: str, build: Callable[[Path], dict[str, Any]]
+    ) -> tuple[Path, dict[str, Any], bool]:
+        """(folder, marker, built) of the compiled artifacts named ``name`` under
+        ``compiled/``: ``build(folder)`` fills a hidden folder once, whose returned dict is
+        written as the marker before the folder is renamed into place, so a killed compile
+        leaves nothing loadable. ``name`` must carry everything the artifacts depend on (shapes,
+        dtype, compiler version): a folder is never rebuilt once complete.
+
+        A lock per name, not the cache's write lock: a compile takes long, and only a process
+        compiling the same artifacts needs to wait (then loads what the first one built). The
+        folder is pinned like a checkpoint. Not counted under ``--llmperf-cache-size``.
+        """
+        parent = self.root / "compiled"
+        target = parent / name
+        marker = self._use_compiled(target)
+        if marker is not None:
+            return target, marker, False
+        parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(parent / f".{name}.lock"), timeout=COMPILE_LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise OSError(
+                f"{lock.lock_file}: another process has been compiling {name} for "
+                f"{COMPILE_LOCK_TIMEOUT_S / 3600:g} h; is it hung? (--llmperf-cache-dir)"
+            ) from None
+        try:
+            marker = self._use_compiled(target)
+            if marker is not None:  # built by the process we waited for
+                return target, marker, False
+            for stale in parent.glob(f".{name}.*"):  # a killed compile's folder (we hold the lock)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            if target.exists():
+                self._remove_or_fail(target)
+            work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+            try:
+                marker = dict(build(work))
+                (work / COMPILED_MARKER).write_text(json.dumps(marker, indent=1), "utf-8")
+                os.rename(work, target)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            if self._use_compiled(target) is None:
+                raise OSError(f"{target}: compiled, then gone before it could be used")
+            return target, marker, True
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _use_compiled(target: Path) -> Optional[dict[str, Any]]:
+        """Pin ``target`` and return its marker, if it is a complete compiled folder."""
+        if not _pin(target):
+            return None
+        try:
+            marker = json.loads((target / COMPILED_MARKER).read_text("utf-8"))
+        except (OSError, ValueError):
+            marker = None
+        if not isinstance(marker, dict):
+            _unpin(target)
+            return None
+        return marker
 
     # -- scratch folders -----------------------------------------------------------------------
 

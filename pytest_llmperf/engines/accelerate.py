@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Union
 from ..backends.base import Backend
 from ..errors import SkipWorkload, UsageError
 from .base import Engine, LoadedModel, Prompt, TokenHook
-from .hf_transformers import greedy_kwargs, token_stamps
+from .hf_transformers import greedy_generate
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -147,20 +147,6 @@ def placement_text(places: Mapping[str, int]) -> str:
     from ..units import format_value
 
     return ", ".join(f"{place} {format_value(n, 'B')}" for place, n in places.items())
-
-
-def greedy_generate(loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Any) -> Any:
-    """transformers' greedy generate, stamped per token. accelerate's hooks set ``forward`` on
-    the instance; token_stamps wraps that one, so offloaded layers are timed as they run."""
-    import torch
-
-    pad = getattr(loaded.tokenizer, "pad_token_id", None)
-    with torch.inference_mode(), token_stamps(loaded.model, hook):
-        return loaded.model.generate(
-            prompt.input_ids,
-            attention_mask=prompt.attention_mask,
-            **greedy_kwargs(new_tokens, pad),
-        )
 
 
 def stored_checkpoint(

@@ -22,7 +22,6 @@ from ..errors import UsageError
 from .accelerate import (
     device_target,
     dropper,
-    greedy_generate,
     placed_bytes,
     remote_code,
     single_process_reason,
@@ -30,6 +29,7 @@ from .accelerate import (
     timed_from_pretrained,
 )
 from .base import Engine, LoadedModel, Prompt, TokenHook
+from .hf_transformers import greedy_generate
 
 if TYPE_CHECKING:
     from ..models import ModelSpec

@@ -64,6 +64,22 @@ def greedy_kwargs(new_tokens: int, pad_token_id: Optional[int]) -> dict[str, Any
     }
 
 
+def greedy_generate(loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Any) -> Any:
+    """transformers' greedy generate of exactly ``new_tokens``, stamped per token: the plain,
+    accelerate, bitsandbytes and optimum-neuron engines all drive a model with transformers'
+    ``generate`` and its per-token forward. accelerate's hooks set ``forward`` on the instance;
+    token_stamps wraps that one, so offloaded layers are timed as they run."""
+    import torch
+
+    pad = getattr(loaded.tokenizer, "pad_token_id", None)
+    with torch.inference_mode(), token_stamps(loaded.model, hook):
+        return loaded.model.generate(
+            prompt.input_ids,
+            attention_mask=prompt.attention_mask,
+            **greedy_kwargs(new_tokens, pad),
+        )
+
+
 class TransformersEngine(Engine):
     name: ClassVar[str] = "transformers"
     tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder", "image-encoder")
@@ -137,15 +153,7 @@ class TransformersEngine(Engine):
     def generate(
         self, loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Optional[TokenHook]
     ) -> Any:
-        import torch
-
-        pad = getattr(loaded.tokenizer, "pad_token_id", None)
-        with torch.inference_mode(), token_stamps(loaded.model, hook):
-            return loaded.model.generate(
-                prompt.input_ids,
-                attention_mask=prompt.attention_mask,
-                **greedy_kwargs(new_tokens, pad),
-            )
+        return greedy_generate(loaded, prompt, new_tokens, hook)
 
     def forward(self, loaded: LoadedModel, inputs: dict[str, Any]) -> Any:
         import torch

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from ..backends.base import Backend, installed_versions
 from ..errors import UsageError
 from .base import Engine, LoadedModel, Prompt, TokenHook
-from .hf_transformers import greedy_kwargs, token_stamps
+from .hf_transformers import greedy_generate
 
 if TYPE_CHECKING:
     from ..models import ModelSpec
@@ -274,15 +274,7 @@ class OptimumNeuronEngine(Engine):
     def generate(
         self, loaded: LoadedModel, prompt: Prompt, new_tokens: int, hook: Optional[TokenHook]
     ) -> Any:
-        import torch
-
-        pad = getattr(loaded.tokenizer, "pad_token_id", None)
-        with torch.inference_mode(), token_stamps(loaded.model, hook):
-            return loaded.model.generate(
-                prompt.input_ids,
-                attention_mask=prompt.attention_mask,
-                **greedy_kwargs(new_tokens, pad),
-            )
+        return greedy_generate(loaded, prompt, new_tokens, hook)
 
     def forward(self, loaded: LoadedModel, inputs: dict[str, Any]) -> Any:
         """One call of the compiled encoder with the inputs it was compiled with (a model

@@ -50,3 +50,15 @@ def samples(record: dict[str, Any], metric: str) -> list[float]:
 
 def baseline_file(root: Path, suite: str, device: str = "fake-chip") -> dict[str, Any]:
     return json.loads((Path(root) / "baselines" / device / f"{suite}.json").read_text())
+
+
+def execute_fresh(spec: Any, context: Any, backend: Any, store: Any) -> Any:
+    """``execute`` one spec with a model cache of its own, dropped afterwards: each engine
+    test starts without a model another test left resident."""
+    from pytest_llmperf.execute import ModelCache, execute
+
+    cache = ModelCache(store=store)
+    try:
+        return execute(spec, context, backend, cache)
+    finally:
+        cache.drop(backend)

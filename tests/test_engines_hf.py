@@ -16,13 +16,13 @@ from typing import Any, ClassVar
 
 import pytest
 from fakes import FakeBackend
+from helpers import execute_fresh
 
 from pytest_llmperf import engines, models
 from pytest_llmperf.backends import get_backend
 from pytest_llmperf.engines import bnb
 from pytest_llmperf.engines.accelerate import parse_bytes
 from pytest_llmperf.errors import SkipWorkload, UsageError
-from pytest_llmperf.execute import ModelCache, execute
 from pytest_llmperf.models import weights
 from pytest_llmperf.models.store import CheckpointStore
 from pytest_llmperf.results import Record
@@ -58,11 +58,7 @@ def store(tmp_path: Path) -> CheckpointStore:
 
 
 def run(spec: WorkloadSpec, backend: Any, store: CheckpointStore) -> Record:
-    cache = ModelCache(store=store)
-    try:
-        return execute(spec, CONTEXT, backend, cache)
-    finally:
-        cache.drop(backend)
+    return execute_fresh(spec, CONTEXT, backend, store)
 
 
 # -- options: usage errors, one line, before any model is built ---------------------------------

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from helpers import execute_fresh
 
 from pytest_llmperf.backends.hpu import HpuBackend, gaudi_generation
 from pytest_llmperf.engines import optimum_habana
 from pytest_llmperf.engines.optimum_habana import OptimumHabanaEngine, ensure_lazy_mode
 from pytest_llmperf.errors import SkipWorkload, UsageError
-from pytest_llmperf.execute import ModelCache, execute
 from pytest_llmperf.models.store import CheckpointStore
 from pytest_llmperf.results import Record
 from pytest_llmperf.spec import RecordContext, WorkloadSpec, freeze_options
@@ -236,11 +236,7 @@ def spec_of(**fields: Any) -> WorkloadSpec:
 
 
 def run(spec: WorkloadSpec, backend: Any, store: CheckpointStore) -> Record:
-    cache = ModelCache(store=store)
-    try:
-        return execute(spec, CONTEXT, backend, cache)
-    finally:
-        cache.drop(backend)
+    return execute_fresh(spec, CONTEXT, backend, store)
 
 
 # -- the backend ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from helpers import read_results, record_of
+from helpers import execute_fresh, read_results, record_of
 
 from pytest_llmperf import backends, engines
 from pytest_llmperf.backends.neuron import NeuronBackend, dpkg_versions, visible_cores
@@ -214,11 +214,7 @@ def spec_of(kind: str = "generate", model: str = "tiny-llama", **fields: Any) ->
 
 
 def run(spec: WorkloadSpec, backend: Any, store: CheckpointStore) -> Record:
-    cache = ModelCache(store=store)
-    try:
-        return execute(spec, CONTEXT, backend, cache)
-    finally:
-        cache.drop(backend)
+    return execute_fresh(spec, CONTEXT, backend, store)
 
 
 # -- the backend ----------------------------------------------------------------------------------

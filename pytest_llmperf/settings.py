@@ -652,7 +652,11 @@ LOCKS_HELD_ENV = "LLMPERF_DEVICE_LOCKS"
 #: In a pytest-xdist worker pinned to one device: the visible-devices variables as they were
 #: before (JSON, null for unset); a workload of several devices gives its ranks these back.
 UNPINNED_ENV = "LLMPERF_XDIST_UNPINNED"
+#: DeepSpeed launcher options passed through to its runner (``--hostfile``, ``--include``, …;
+#: checked by launchers/deepspeed.py): read there, not an option of its own.
+DEEPSPEED_ARGS_ENV = "LLMPERF_DEEPSPEED_ARGS"
 INTERNAL_ENV = (
+    DEEPSPEED_ARGS_ENV,
     LOCKS_HELD_ENV,
     UNPINNED_ENV,
     KEYS_OUT_ENV,

@@ -157,6 +157,13 @@ def test_multi_node_options_pass_through_and_replace_the_single_node_ones(runner
     assert option(argv, "--num_gpus") is None and option(argv, "--num_nodes") is None
 
 
+def test_the_pass_through_variable_is_not_refused_as_a_misspelt_setting():
+    """pytest refuses unknown LLMPERF_* variables at start-up; the documented one must pass."""
+    from pytest_llmperf.settings import check_environment
+
+    check_environment({ARGS_ENV: "--hostfile=/etc/hostfile --master_addr=node-0"})
+
+
 @pytest.mark.parametrize(
     "text, why",
     [

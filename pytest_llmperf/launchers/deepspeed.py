@@ -53,6 +53,7 @@ from typing import ClassVar, Optional
 from ..backends.base import Backend
 from ..engines.deepspeed_inference import ACCELERATORS, free_port, install_reason
 from ..errors import UsageError
+from ..settings import DEEPSPEED_ARGS_ENV
 from .base import exit_reason
 from .torchrun import TorchrunLauncher, _failed_rank, _tail
 
@@ -60,7 +61,7 @@ from .torchrun import TorchrunLauncher, _failed_rank, _tail
 #: this launcher sets itself (``--num_gpus``, ``--master_port``, ``--module``,
 #: ``--no_local_rank``) and the ones that change what runs (``--autotuning``, ``--no_python``)
 #: are refused.
-ARGS_ENV = "LLMPERF_DEEPSPEED_ARGS"
+ARGS_ENV = DEEPSPEED_ARGS_ENV
 _VALUE_OPTIONS = (
     "--hostfile",
     "--include",
